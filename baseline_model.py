@@ -1,0 +1,250 @@
+"""
+The plain GPT baseline with standard (inverted) dropout, nanoGPT style.
+
+This file also holds the building blocks that the LearnedDropout GPT in model.py
+reuses: LayerNorm, the fused causal attention `attend` with its KV cache, the MLP,
+and the GPT methods that do not depend on the block type (init, optimizer,
+MFU, generation).
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linears and LayerNorms (GPT-2: True; the seed runs: False)
+
+    def __post_init__(self):
+        for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot switch the bias off on its own)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache(dict):
+    """Keys and values of the tokens seen so far, one (k, v) pair of (B, nh, T, hs)
+    tensors per attention, keyed by that attention's c_attn module. One object serves
+    the whole model, so a block with two attentions (model.py) needs nothing extra."""
+
+    @property
+    def length(self):
+        return next(iter(self.values()))[0].size(2) if self else 0
+
+
+def attend(c_attn, x, n_head, kv_cache=None, dropout_p=0.0):
+    """Causal multi-head self-attention of x with itself, heads merged back to (B, T, C).
+
+    c_attn is the fused q, k, v projection (C -> 3C). With a kv_cache, x holds only
+    the new tokens: their keys and values are appended to the cached ones and the
+    queries attend to everything up to their own position."""
+    B, T, C = x.size()
+    q, k, v = c_attn(x).split(C, dim=2)
+    q = q.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, nh, T, hs)
+    k = k.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, nh, T, hs)
+    v = v.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, nh, T, hs)
+    if kv_cache is not None:
+        if c_attn in kv_cache:
+            past_k, past_v = kv_cache[c_attn]
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        kv_cache[c_attn] = (k, v)
+    Tk = k.size(2)
+    if Tk == T:  # no past: the usual causal mask
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    elif T == 1:  # one new token sees every cached one
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    else:  # several new tokens after a past: causal mask aligned to the bottom right
+        mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, kv_cache=None):
+        # dropout on the attention probabilities only in training: never in eval
+        y = attend(self.c_attn, x, self.n_head, kv_cache, self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()  # exact (erf) GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """nanoGPT's GPT: learned absolute positions, pre-LN blocks, tied embedding/head.
+
+    Subclasses (model.GPT) choose their block through `block_type` and may override
+    `forward`; everything else here is shared."""
+
+    block_type = Block
+    n_attn_per_block = 1  # causal attentions per block, for the FLOP count
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([self.block_type(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: one matrix embeds tokens and scores them
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self):
+        """Parameters, the tied embedding counted once and the position table not at all
+        (the convention of the seed's reported sizes)."""
+        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+
+    def embed(self, idx, kv_cache=None):
+        """Token + position embeddings of idx (B, T); positions continue after the cache."""
+        start = kv_cache.length if kv_cache is not None else 0
+        T = idx.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(f"cannot forward {start + T} positions: block_size is {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def head(self, x, targets):
+        """Final LayerNorm and LM head: (logits of every position, mean cross-entropy) with
+        targets, else (logits of the last position, None) as nanoGPT's generation expects."""
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, vocab)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def forward(self, idx, targets=None, kv_cache=None, return_stats=False):
+        """logits, loss = model(idx, targets). With return_stats=True a third value, a dict
+        of detached tensors for logging, comes back (here only 'ce'; see model.GPT)."""
+        x = self.embed(idx, kv_cache)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        logits, loss = self.head(x, targets)
+        if return_stats:
+            return logits, loss, {'ce': loss.detach()} if loss is not None else {}
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on the >= 2-D parameters (matrices, embeddings) only;
+        LayerNorm gains and LearnedDropout shifts are not decayed."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
+        ]
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+
+    def flops_per_token(self):
+        """Training FLOPs (forward + backward) per token at full context: 6 per parameter
+        for the matmuls, plus 12 * T * C per layer for each causal attention's scores
+        and weighted values (PaLM appendix B, nanoGPT's estimate)."""
+        cfg = self.config
+        attn = 12 * cfg.n_layer * cfg.block_size * cfg.n_embd * self.n_attn_per_block
+        return 6 * self.get_num_params() + attn
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        """Model FLOPs utilisation of fwdbwd_per_iter sequences in dt seconds against
+        peak_flops (default: A100 bf16, as nanoGPT)."""
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Append max_new_tokens sampled tokens to idx (B, T); call in eval mode.
+
+        With the KV cache each step feeds only the new token. Once the sequence is longer
+        than block_size, the context is cropped to the last block_size tokens as in nanoGPT;
+        every position then shifts, so those steps recompute the window. use_cache=False is
+        nanoGPT's full recompute at every step, kept as the reference."""
+        block_size = self.config.block_size
+        kv_cache = KVCache()
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= block_size:
+                logits, _ = self(idx[:, kv_cache.length:], kv_cache=kv_cache)
+            else:
+                logits, _ = self(idx[:, -block_size:])
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('inf')
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

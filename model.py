@@ -1,0 +1,143 @@
+"""
+The GPT with LearnedDropout: each block masks its MLP output with a binary mask that a
+small causal attention computes from that very output (SPEC.md sections 1-4).
+
+    a = h + Attn(LN1(h))
+    f = MLP(LN2(a))
+    h = a + f * R,   R ~ round(M),   M = 0.5 * cos(attend(f) + shift) + 0.5
+
+Everything that is not LearnedDropout comes from baseline_model.py.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from baseline_model import GPTConfig as BaselineConfig, GPT as BaselineGPT
+from baseline_model import LayerNorm, CausalSelfAttention, MLP, KVCache, attend
+
+__all__ = ['GPTConfig', 'LearnedDropout', 'LearnedBlock', 'GPT', 'KVCache', 'MASK_STATS']
+
+
+@dataclass
+class GPTConfig(BaselineConfig):
+    shift_init: float = 0.0  # initial value of every channel of the shift b, in [0, pi]
+    dropout_n_head: Optional[int] = None  # heads of the mask attention (None: n_head)
+    penalty_coeff: float = 0.1  # weight of mean(M^2/2) in the training loss (0: no penalty term)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.shift_init <= math.pi:
+            raise ValueError(f"shift_init must be in [0, pi] (the write-up's B), got {self.shift_init}")
+        n = self.dropout_n_head or self.n_head
+        if self.n_embd % n:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by dropout_n_head ({n})")
+        if self.penalty_coeff < 0:
+            raise ValueError(f"penalty_coeff must be >= 0, got {self.penalty_coeff}")
+
+
+class LearnedDropout(nn.Module):
+    """Input-dependent binary mask: x -> (x * R, M).
+
+    M = 0.5 * cos(z + shift) + 0.5 with z the causal self-attention of x (no output
+    projection, residual or norm). R is 1 with probability M in training and [M >= 0.5]
+    in eval; its gradient passes straight through to M. No 1/keep rescaling: this is
+    selection, not standard dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.dropout_n_head or config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.shift = nn.Parameter(torch.full((config.n_embd,), float(config.shift_init)))
+        # the write-up's "temperature" remark: sample masks at inference too (off by default)
+        self.stochastic_inference = False
+
+    def masks(self, x, kv_cache=None):
+        """The unrounded mask M and the rounded mask R, both shaped like x."""
+        z = attend(self.c_attn, x, self.n_head, kv_cache)  # (B, T, C)
+        m = 0.5 * torch.cos(z + self.shift) + 0.5
+        if self.training or self.stochastic_inference:
+            hard = (torch.rand_like(m) <= m).to(m.dtype)
+            # forward value: hard + 0 exactly (m - m is 0 in every dtype); gradient: dR/dM = 1
+            r = hard + (m - m.detach())
+        else:
+            r = (m >= 0.5).to(m.dtype)
+        return m, r
+
+    def forward(self, x, kv_cache=None):
+        m, r = self.masks(x, kv_cache)
+        return x * r, m
+
+
+class LearnedBlock(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.learned_dropout = LearnedDropout(config)
+
+    def forward(self, x, kv_cache=None):
+        """Returns the new residual stream and this layer's (M, R)."""
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        f = self.mlp(self.ln_2(x))
+        m, r = self.learned_dropout.masks(f, kv_cache)  # the mask is computed from f itself
+        return x + f * r, m, r
+
+
+# the per-layer statistics of SPEC section 4, in the order of GPT.mask_stats' rows
+MASK_STATS = ('keep', 'penalty', 'mask_mean', 'mask_gt_0.9', 'mask_lt_0.1')
+
+
+class GPT(BaselineGPT):
+    """The GPT of baseline_model.py with a LearnedBlock in place of every Block."""
+
+    block_type = LearnedBlock
+    n_attn_per_block = 2  # the block's attention and the mask's attention
+
+    def set_mask_mode(self, mode):
+        """'deterministic' (default): R = [M >= 0.5] in eval; 'stochastic': R ~ Bernoulli(M)
+        in eval too, the write-up's temperature-like inference."""
+        if mode not in ('deterministic', 'stochastic'):
+            raise ValueError(f"mask mode must be 'deterministic' or 'stochastic', got {mode!r}")
+        for block in self.transformer.h:
+            block.learned_dropout.stochastic_inference = mode == 'stochastic'
+
+    @staticmethod
+    def mask_stats(ms, rs):
+        """(len(MASK_STATS), n_layer) tensor of per-layer statistics, from each layer's
+        M and R. Detached: no gradient, no host sync."""
+        rows = []
+        for m, r in zip(ms, rs):
+            m, r = m.detach().float(), r.detach().float()
+            rows.append(torch.stack([r.mean(), (m * m).mean() / 2, m.mean(),
+                                     (m > 0.9).float().mean(), (m < 0.1).float().mean()]))
+        return torch.stack(rows, dim=1)
+
+    def forward(self, idx, targets=None, kv_cache=None, return_stats=False):
+        """logits, loss = model(idx, targets); in training the loss adds
+        penalty_coeff * mean over layers of mean(M^2/2). With return_stats=True a third
+        value is a dict of detached tensors: 'ce' (pure cross-entropy, with targets) and one
+        (n_layer,) tensor per MASK_STATS name ('penalty' is mean(M^2/2), unweighted)."""
+        x = self.embed(idx, kv_cache)
+        ms, rs = [], []
+        for block in self.transformer.h:
+            x, m, r = block(x, kv_cache)
+            ms.append(m)
+            rs.append(r)
+        logits, loss = self.head(x, targets)
+        ce = loss
+        if loss is not None and self.training and self.config.penalty_coeff > 0:
+            penalty = torch.stack([(m.float() * m.float()).mean() / 2 for m in ms]).mean()
+            loss = loss + self.config.penalty_coeff * penalty
+        if not return_stats:
+            return logits, loss
+        stats = dict(zip(MASK_STATS, self.mask_stats(ms, rs).unbind(0)))
+        if ce is not None:
+            stats['ce'] = ce.detach()
+        return logits, loss, stats

@@ -1,0 +1,344 @@
+"""Behaviour of model.py (LearnedDropout GPT) and baseline_model.py (plain GPT), on CPU."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import baseline_model
+import model
+from model import GPT, GPTConfig, LearnedDropout
+
+SEED_LEARNED = dict(block_size=200, vocab_size=50257, n_layer=26, n_head=9, n_embd=144)
+SEED_BASELINE = dict(block_size=200, vocab_size=50257, n_layer=26, n_head=12, n_embd=156)
+
+
+def tiny(module=model, **kw):
+    cfg = dict(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return module.GPT(module.GPTConfig(**cfg))
+
+
+def reference_attention(c_attn, x, n_head):
+    """Causal multi-head attention written out with explicit matrices (SPEC 1, step 1)."""
+    B, T, C = x.shape
+    hs = C // n_head
+    q, k, v = (x @ c_attn.weight.T).split(C, dim=2)
+    q, k, v = (t.view(B, T, n_head, hs).transpose(1, 2) for t in (q, k, v))
+    att = q @ k.transpose(-2, -1) / math.sqrt(hs)
+    att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float('-inf'))
+    return (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+
+
+# ---------------------------------------------------------------------------- sizes, init
+
+def test_seed_parameter_counts():
+    assert GPT(GPTConfig(**SEED_LEARNED)).get_num_params() == 15_335_424
+    assert baseline_model.GPT(baseline_model.GPTConfig(**SEED_BASELINE)).get_num_params() == 15_441_192
+
+
+@pytest.mark.parametrize('module', [model, baseline_model])
+def test_loss_at_init_is_log_vocab(module):
+    m = tiny(module, vocab_size=50257, n_embd=64, n_layer=4, n_head=4, block_size=64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 50257, (8, 64), generator=g)
+    y = torch.randint(0, 50257, (8, 64), generator=g)
+    m.eval()
+    _, loss = m(x, y)
+    assert abs(loss.item() - math.log(50257)) < 0.2
+
+
+def test_init_follows_spec():
+    m = GPT(GPTConfig(**SEED_LEARNED))
+    assert m.lm_head.weight is m.transformer.wte.weight
+    ld = m.transformer.h[0].learned_dropout
+    assert ld.c_attn.bias is None and ld.c_attn.weight.shape == (432, 144)
+    assert ld.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    proj = m.transformer.h[0].mlp.c_proj.weight
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 26), rel=0.05)
+    assert all(not isinstance(mod, torch.nn.Dropout) or mod.p == 0 for mod in m.modules())
+
+
+@pytest.mark.parametrize('bad', [-0.1, math.pi + 1e-3, 4.0])
+def test_shift_init_outside_0_pi_rejected(bad):
+    with pytest.raises(ValueError, match=r'shift_init must be in \[0, pi\]'):
+        GPTConfig(shift_init=bad)
+
+
+def test_shift_is_per_channel_and_initialised():
+    m = tiny(shift_init=math.pi / 2)
+    for block in m.transformer.h:
+        assert block.learned_dropout.shift.shape == (32,)
+        assert torch.all(block.learned_dropout.shift == torch.tensor(math.pi / 2))
+
+
+def test_weight_decay_only_on_matrices():
+    m = tiny()
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decayed, plain = opt.param_groups
+    assert decayed['weight_decay'] == 0.1 and plain['weight_decay'] == 0.0
+    assert all(p.dim() >= 2 for p in decayed['params'])
+    shifts = {id(b.learned_dropout.shift) for b in m.transformer.h}
+    assert shifts <= {id(p) for p in plain['params']}
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g['params'])
+    assert n_opt == sum(p.numel() for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------- LearnedDropout
+
+def test_mask_formula_matches_spec():
+    cfg = GPTConfig(n_embd=12, n_head=3, shift_init=1.0)
+    torch.manual_seed(0)
+    ld = LearnedDropout(cfg).eval()
+    x = torch.randn(2, 7, 12)
+    y, m = ld(x)
+    z = reference_attention(ld.c_attn, x, 3)
+    m_ref = 0.5 * torch.cos(z + 1.0) + 0.5
+    torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-6)
+    # eval: deterministic rounding, no rescaling
+    assert torch.equal(y, x * (m >= 0.5).float())
+
+
+def test_dropout_n_head_is_used():
+    cfg = GPTConfig(n_embd=12, n_head=3, dropout_n_head=2)
+    torch.manual_seed(0)
+    ld = LearnedDropout(cfg).eval()
+    x = torch.randn(2, 5, 12)
+    _, m = ld(x)
+    torch.testing.assert_close(m, 0.5 * torch.cos(reference_attention(ld.c_attn, x, 2)) + 0.5)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_training_masks_exactly_binary(dtype):
+    torch.manual_seed(0)
+    ld = LearnedDropout(GPTConfig(n_embd=64, n_head=4, shift_init=math.pi / 2)).train()
+    x = torch.randn(4, 16, 64) * 3
+    # the module cast to dtype ...
+    y, m = ld.to(dtype)(x.to(dtype))
+    r_values = set(torch.unique(ld.masks(x.to(dtype))[1].float()).tolist())
+    assert r_values == {0.0, 1.0}
+    kept = y != 0
+    assert torch.equal(y[kept], x.to(dtype)[kept])
+    # ... and fp32 weights under autocast
+    ld = ld.float()
+    with torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32):
+        m, r = ld.masks(x)
+        y, _ = ld(x)
+    assert set(torch.unique(r.float()).tolist()) == {0.0, 1.0}
+    assert torch.all((y == 0) | (y == x.to(y.dtype)))
+
+
+def test_training_keep_rate_matches_m():
+    torch.manual_seed(0)
+    ld = LearnedDropout(GPTConfig(n_embd=16, n_head=2, shift_init=math.pi / 2)).train()
+    x = torch.randn(1, 8, 16).expand(4000, 8, 16)  # same input: same M, independent noise
+    m, r = ld.masks(x)
+    m0 = m[0]
+    assert torch.allclose(m, m0.expand_as(m))
+    rate = r.mean(0)
+    tol = 5 * torch.sqrt(m0 * (1 - m0) / 4000) + 1e-3
+    assert torch.all((rate - m0).abs() <= tol)
+    assert 0.1 < m0.mean() < 0.9  # a real spread of probabilities was tested
+
+
+def test_straight_through_gradient():
+    torch.manual_seed(0)
+    ld = LearnedDropout(GPTConfig(n_embd=12, n_head=3, shift_init=0.7)).train()
+    x = torch.randn(2, 6, 12)
+    g = torch.randn(2, 6, 12)
+    y, m = ld(x)
+    (y * g).sum().backward()
+    # by hand: dL/dR = g * x, dR/dM = 1, dM/dshift = -0.5 sin(z + shift)
+    z = reference_attention(ld.c_attn, x, 3).detach()
+    expected = (g * x * (-0.5 * torch.sin(z + 0.7))).sum((0, 1))
+    torch.testing.assert_close(ld.shift.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_stochastic_inference_option():
+    m = tiny(shift_init=math.pi / 2).eval()
+    x = torch.randint(0, 97, (2, 16))
+    det1, _ = m(x, x)
+    det2, _ = m(x, x)
+    assert torch.equal(det1, det2)  # eval is deterministic by default
+    m.set_mask_mode('stochastic')
+    torch.manual_seed(1)
+    sto1, _ = m(x, x)
+    torch.manual_seed(2)
+    sto2, _ = m(x, x)
+    assert not torch.equal(sto1, sto2)
+    m.set_mask_mode('deterministic')
+    assert torch.equal(m(x, x)[0], det1)
+    with pytest.raises(ValueError, match='mask mode'):
+        m.set_mask_mode('random')
+
+
+# ---------------------------------------------------------------------------- the GPT
+
+@pytest.mark.parametrize('module,mode', [(model, 'eval'), (model, 'train'),
+                                         (baseline_model, 'eval'), (baseline_model, 'train')])
+def test_causality(module, mode):
+    kw = dict(shift_init=math.pi / 2) if module is model else dict(dropout=0.3)
+    m = tiny(module, **kw)
+    m.train(mode == 'train')
+    x = torch.randint(0, 97, (2, 16))
+    x2 = x.clone()
+    x2[:, 10] = (x2[:, 10] + 1) % 97
+    torch.manual_seed(5)
+    a, _ = m(x, x)
+    torch.manual_seed(5)
+    b, _ = m(x2, x2)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_penalty_value_and_absence():
+    m = tiny(shift_init=math.pi / 2, penalty_coeff=0.3)
+    x = torch.randint(0, 97, (2, 16))
+    y = torch.randint(0, 97, (2, 16))
+    recorded = []
+    original = LearnedDropout.masks
+
+    def recording(self, *a, **k):
+        out = original(self, *a, **k)
+        recorded.append(out[0].detach())
+        return out
+
+    LearnedDropout.masks = recording
+    try:
+        m.train()
+        logits, loss, stats = m(x, y, return_stats=True)
+    finally:
+        LearnedDropout.masks = original
+    assert len(recorded) == 2
+    ce = F.cross_entropy(logits.view(-1, 97), y.view(-1))
+    penalty = sum((mm ** 2 / 2).mean() for mm in recorded) / len(recorded)
+    torch.testing.assert_close(loss, ce + 0.3 * penalty)
+    torch.testing.assert_close(stats['ce'], ce.detach())
+    torch.testing.assert_close(stats['penalty'].mean(), penalty)
+    # eval: pure cross-entropy
+    m.eval()
+    logits, loss = m(x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 97), y.view(-1)))
+    # penalty_coeff = 0: no penalty term in training either
+    m0 = tiny(shift_init=math.pi / 2, penalty_coeff=0.0).train()
+    logits, loss = m0(x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 97), y.view(-1)))
+
+
+def test_stats_are_per_layer_and_consistent():
+    m = tiny(shift_init=math.pi / 2).train()
+    x = torch.randint(0, 97, (4, 16))
+    _, _, s = m(x, x, return_stats=True)
+    for k in model.MASK_STATS:
+        assert s[k].shape == (2,) and not s[k].requires_grad
+    assert torch.all((0 <= s['keep']) & (s['keep'] <= 1))
+    assert torch.all(s['mask_gt_0.9'] + s['mask_lt_0.1'] <= 1)
+    assert torch.all((s['keep'] - s['mask_mean']).abs() < 0.05)  # E[R] = M
+    m.eval()
+    _, _, s_eval = m(x, x, return_stats=True)
+    _, _, s_eval2 = m(x, x, return_stats=True)
+    assert torch.equal(s_eval['keep'], s_eval2['keep'])  # deterministic masks in eval
+
+
+def test_shift_zero_keeps_everything_at_init_and_pi_drops_everything():
+    x = torch.randint(0, 97, (2, 16))
+    _, _, s0 = tiny(shift_init=0.0).train()(x, x, return_stats=True)
+    _, _, spi = tiny(shift_init=math.pi).train()(x, x, return_stats=True)
+    assert torch.all(s0['keep'] > 0.99)
+    assert torch.all(spi['keep'] < 0.01)
+
+
+# ---------------------------------------------------------------------------- baseline dropout
+
+def test_baseline_eval_has_no_dropout():
+    m4 = tiny(baseline_model, dropout=0.4)
+    m0 = tiny(baseline_model, dropout=0.0)
+    m0.load_state_dict(m4.state_dict())
+    m4.eval(), m0.eval()
+    x = torch.randint(0, 97, (3, 16))
+    assert torch.equal(m4(x, x)[0], m0(x, x)[0])
+    m4.train()
+    assert not torch.equal(m4(x, x)[0], m0(x, x)[0])
+
+
+def test_baseline_inverted_dropout_in_training():
+    cfg = baseline_model.GPTConfig(n_embd=64, n_head=4, dropout=0.4)
+    torch.manual_seed(0)
+    mlp = baseline_model.MLP(cfg)
+    x = torch.randn(64, 32, 64)
+    ref = mlp.eval()(x)
+    out = mlp.train()(x)
+    dropped = out == 0
+    assert abs(dropped.float().mean().item() - 0.4) < 0.01
+    torch.testing.assert_close(out[~dropped], ref[~dropped] / 0.6)  # kept values scaled by 1/(1-p)
+    assert abs(out.mean().item() - ref.mean().item()) < 0.05 * ref.abs().mean().item()
+
+
+# ---------------------------------------------------------------------------- generation
+
+def full_recompute_greedy(m, idx, n):
+    for _ in range(n):
+        logits, _ = m(idx[:, -m.config.block_size:])
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize('module', [model, baseline_model])
+def test_kv_cache_matches_full_recompute(module):
+    m = tiny(module, n_layer=3, n_embd=48, n_head=3)
+    with torch.no_grad():  # larger weights: varied greedy tokens, not one token repeated
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    m.eval()
+    idx = torch.randint(0, 97, (2, 5))
+    # step by step through the cache vs one full forward: same logits at every position
+    full, _ = m(idx.repeat(1, 3), idx.repeat(1, 3))
+    cache = module.KVCache()
+    steps = [m(idx.repeat(1, 3)[:, t:t + 1], kv_cache=cache)[0] for t in range(15)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    # greedy decoding: identical tokens, until block_size (16) and well beyond it
+    out = m.generate(idx, 30, top_k=1)
+    ref = full_recompute_greedy(m, idx, 30)
+    assert torch.equal(out, ref)
+    assert len(set(out[0, 5:].tolist())) > 3
+
+
+def test_generate_sampling_shapes_and_top_k():
+    m = tiny().eval()
+    idx = torch.zeros(3, 1, dtype=torch.long)
+    torch.manual_seed(0)
+    out = m.generate(idx, 20, temperature=0.8, top_k=5)
+    assert out.shape == (3, 21) and out.max() < 97
+
+
+# ---------------------------------------------------------------------------- training
+
+@pytest.mark.parametrize('module', [model, baseline_model])
+def test_tiny_model_overfits_one_batch(module):
+    m = tiny(module, n_embd=64, n_head=4)
+    opt = m.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 97, (4, 16), generator=g)
+    y = torch.randint(0, 97, (4, 16), generator=g)
+    m.train()
+    for _ in range(150):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    assert m(x, y)[1].item() < 0.3
+
+
+def test_compile_fullgraph_forward_backward():
+    m = tiny(shift_init=math.pi / 2).train()
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.randint(0, 97, (2, 16))
+    logits, loss, stats = compiled(x, x, return_stats=True)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in m.parameters())
+    assert stats['keep'].shape == (2,)
