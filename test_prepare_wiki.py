@@ -1,0 +1,222 @@
+"""prepare_wiki.py and the offline GPT-2 tokenizer (no network: HF_DATASETS_OFFLINE=1)."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import prepare_wiki
+import tokenizer
+from tokenizer import EOT, get_gpt2
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ['HF_DATASETS_OFFLINE'] = '1'
+
+
+def prepare(*argv):
+    prepare_wiki.main(list(argv))
+
+
+def read_split(folder, split):
+    return np.memmap(os.path.join(folder, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+
+def decode_docs(ids):
+    """The documents of a token stream in which each document ends with <|endoftext|>."""
+    assert ids[-1] == EOT
+    return get_gpt2().decode(ids.tolist()).split('<|endoftext|>')[:-1]
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def test_known_gpt2_ids():
+    enc = get_gpt2()
+    assert enc.encode('Hello world') == [15496, 995]
+    assert enc.encode('<|endoftext|>', allowed_special='all') == [50256]
+    assert enc.n_vocab == 50257 and enc.eot_token == EOT
+    assert enc.decode(enc.encode(" don't  stop\n\n1984 café")) == " don't  stop\n\n1984 café"
+
+
+def test_ranks_hash_is_checked(tmp_path):
+    with gzip.open(tokenizer.RANKS_PATH, 'rb') as f:
+        raw = f.read()
+    corrupt = tmp_path / 'gpt2.tiktoken.gz'
+    with gzip.open(corrupt, 'wb') as f:
+        f.write(raw.replace(b' 1000\n', b' 1001\n', 1))
+    with pytest.raises(tokenizer.TokenizerError, match='corrupted'):
+        tokenizer.load_ranks(str(corrupt))
+    with pytest.raises(tokenizer.TokenizerError, match='cannot read'):
+        tokenizer.load_ranks(str(tmp_path / 'missing.gz'))
+    with open(tokenizer.RANKS_PATH, 'rb') as f:
+        (tmp_path / 'truncated.gz').write_bytes(f.read()[:1000])
+    with pytest.raises(tokenizer.TokenizerError, match='cannot read'):
+        tokenizer.load_ranks(str(tmp_path / 'truncated.gz'))
+
+
+# ---------------------------------------------------------------------------- the embedded sample
+
+@pytest.fixture(scope='module')
+def sample_dir(tmp_path_factory):
+    data = tmp_path_factory.mktemp('data')
+    t0 = time.time()
+    prepare('--source=sample', f'--data_dir={data}')
+    return str(data / 'wiki_sample'), time.time() - t0
+
+
+def test_sample_bins_match_metadata(sample_dir):
+    folder, seconds = sample_dir
+    meta = json.load(open(os.path.join(folder, 'meta.json')))
+    assert meta['vocab_size'] == 50257 and meta['dtype'] == 'uint16' and meta['source'] == 'sample'
+    for split in ('train', 'val'):
+        assert os.path.getsize(os.path.join(folder, f'{split}.bin')) == 2 * meta[f'{split}_tokens']
+    assert meta['train_docs'] + meta['val_docs'] == 10033
+    assert 0.95e6 < meta['train_tokens'] + meta['val_tokens'] < 1.1e6
+    assert 0.07 < meta['val_docs'] / 10033 < 0.13
+    assert seconds < 15
+
+
+def test_sample_decodes_to_corpus_documents_split_by_document(sample_dir):
+    folder, _ = sample_dir
+    corpus = set(prepare_wiki.sample_documents())
+    train = decode_docs(np.array(read_split(folder, 'train')))
+    val = decode_docs(np.array(read_split(folder, 'val')))
+    assert set(train) <= corpus and set(val) <= corpus
+    assert not set(train) & set(val)
+    assert len(train) + len(val) == 10033
+
+
+def test_rerun_is_noop_and_force_redoes(sample_dir, capsys):
+    folder, _ = sample_dir
+    data_dir = os.path.dirname(folder)
+    before = os.stat(os.path.join(folder, 'train.bin')).st_mtime_ns
+    val_before = np.array(read_split(folder, 'val'))
+    prepare('--source=sample', f'--data_dir={data_dir}')
+    assert 'already prepared' in capsys.readouterr().out
+    assert os.stat(os.path.join(folder, 'train.bin')).st_mtime_ns == before
+    # other arguments are not a no-op: a different seed gives a different split
+    prepare('--source=sample', f'--data_dir={data_dir}', '--name=reseeded', '--seed=1')
+    other = np.array(read_split(os.path.join(data_dir, 'reseeded'), 'val'))
+    assert not np.array_equal(other, np.array(read_split(folder, 'val')))
+    prepare('--source=sample', f'--data_dir={data_dir}', '--force')
+    assert os.stat(os.path.join(folder, 'train.bin')).st_mtime_ns != before
+    assert np.array_equal(read_split(folder, 'val'), val_before)  # the split is deterministic
+
+
+# ---------------------------------------------------------------------------- local files, hf
+
+DOCS = [f"Document number {i}. It talks about topic {i % 7} in some detail.\nSecond line {i}." for i in range(40)]
+
+
+def check_output(folder, docs):
+    got = decode_docs(np.array(read_split(folder, 'train'))) + decode_docs(np.array(read_split(folder, 'val')))
+    assert sorted(got) == sorted(docs)
+
+
+def test_txt_files(tmp_path):
+    (tmp_path / 'a.txt').write_text('\n<|endoftext|>\n'.join(DOCS[:20]))
+    (tmp_path / 'b.txt').write_text('\n<|endoftext|>\n'.join(DOCS[20:]))
+    prepare('--source=files', '--files', str(tmp_path / '*.txt'), f'--data_dir={tmp_path}', '--name=t')
+    check_output(tmp_path / 't', DOCS)
+
+
+def test_jsonl_file(tmp_path):
+    with open(tmp_path / 'd.jsonl', 'w') as f:
+        for d in DOCS:
+            f.write(json.dumps({'text': d, 'id': 1}) + '\n')
+    prepare('--source=files', '--files', str(tmp_path / 'd.jsonl'), f'--data_dir={tmp_path}', '--name=j')
+    check_output(tmp_path / 'j', DOCS)
+
+
+def test_parquet_file(tmp_path):
+    pa = pytest.importorskip('pyarrow')  # a listed requirement: present in CI
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({'body': DOCS}), tmp_path / 'd.parquet')
+    prepare('--source=files', '--files', str(tmp_path / 'd.parquet'), '--text_field=body',
+            f'--data_dir={tmp_path}', '--name=p')
+    check_output(tmp_path / 'p', DOCS)
+
+
+def test_hf_path_on_local_dataset(tmp_path):
+    src = tmp_path / 'local_wiki'
+    src.mkdir()
+    with open(src / 'train.jsonl', 'w') as f:
+        for i, d in enumerate(DOCS):
+            f.write(json.dumps({'id': str(i), 'title': f't{i}', 'text': d}) + '\n')
+    prepare('--source=hf', f'--hf_dataset={src}', f'--data_dir={tmp_path}', '--name=h', '--max_articles=30')
+    meta = json.load(open(tmp_path / 'h' / 'meta.json'))
+    assert meta['train_docs'] + meta['val_docs'] == 30
+    check_output(tmp_path / 'h', DOCS[:30])
+
+
+def run_cli(*argv, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, 'prepare_wiki.py'), *argv],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize('offline_env', [True, False])
+def test_offline_hf_fails_fast_naming_sample(tmp_path, offline_env):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    if offline_env:
+        env['HF_DATASETS_OFFLINE'] = '1'
+    else:
+        env['HF_ENDPOINT'] = 'https://127.0.0.1:9'  # nothing listens there: as if offline
+    t0 = time.time()
+    r = run_cli(f'--data_dir={tmp_path}', env=env)
+    assert r.returncode != 0
+    assert time.time() - t0 < 15
+    last = r.stderr.strip().splitlines()
+    assert len(last) == 1 and '--source=sample' in last[0] and 'Traceback' not in r.stderr
+    assert not os.path.exists(tmp_path / 'wikipedia')
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--source=web'], 'invalid choice'),
+    (['--source=files'], 'needs --files'),
+    (['--source=files', '--files', 'missing.txt'], 'cannot read missing.txt'),
+    (['--source=files', '--files', 'x.csv'], 'unsupported file type'),
+    (['--source=files', '--files', 'empty.txt'], 'empty input'),
+    (['--source=files', '--files', 'bad.jsonl'], "with a 'text' field"),
+    (['--source=files', '--files', 'bad.parquet'], 'cannot read bad.parquet'),
+])
+def test_bad_input_one_line(tmp_path, argv, message):
+    (tmp_path / 'x.csv').write_text('a,b\n')
+    (tmp_path / 'empty.txt').write_text('  \n')
+    (tmp_path / 'bad.jsonl').write_text('{"body": "x"}\n')
+    (tmp_path / 'bad.parquet').write_text('not parquet')
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'prepare_wiki.py'), *argv, '--data_dir=out'],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert message in lines[-1] and 'Traceback' not in r.stderr
+    assert not os.path.exists(tmp_path / 'out' / 'files' / 'train.bin')
+
+
+def test_unwritable_output(tmp_path):
+    (tmp_path / 'blocker').write_text('a file where a folder should be')
+    r = run_cli('--source=sample', f'--data_dir={tmp_path / "blocker"}')
+    assert r.returncode != 0 and 'cannot write to' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_interrupted_run_leaves_previous_output_whole(tmp_path):
+    docs = DOCS * 60  # 2400 docs: the bad line comes after the first chunk was written
+    path = tmp_path / 'd.jsonl'
+    path.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
+    prepare('--source=files', '--files', str(path), f'--data_dir={tmp_path}', '--name=x')
+    folder = tmp_path / 'x'
+    before = {f: (folder / f).read_bytes() for f in ('train.bin', 'val.bin', 'meta.json')}
+    with open(path, 'a') as f:
+        f.write(''.join(json.dumps({'text': d}) + '\n' for d in docs) + '{"oops": 1}\n')
+    with pytest.raises(SystemExit, match='expected a JSON object'):
+        prepare('--source=files', '--files', str(path), f'--data_dir={tmp_path}', '--name=x', '--force')
+    assert {f: (folder / f).read_bytes() for f in before} == before
+    assert sorted(os.listdir(folder)) == ['meta.json', 'train.bin', 'val.bin']  # no .tmp left
+    # a first run that fails leaves no train.bin at all
+    with pytest.raises(SystemExit):
+        prepare('--source=files', '--files', str(path), f'--data_dir={tmp_path}', '--name=y')
+    assert not os.path.exists(tmp_path / 'y' / 'train.bin')
