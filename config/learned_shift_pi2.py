@@ -1,0 +1,14 @@
+# LearnedDropout GPT, penalty 0.1, shift_init pi/2 (the steepest point of the cosine).
+# The seed run's shared settings (context 200, micro-batch 50 x 16 accumulation, AdamW 9e-4,
+# 26,000 steps, ...) are train.py's defaults; see SPEC.md section 6.
+import math
+
+out_dir = 'out/learned_shift_pi2'
+dataset = 'wikipedia'  # python prepare_wiki.py --max_tokens=42600000 (about the seed's 42.6M tokens)
+model_type = 'learned'
+n_layer = 26
+n_embd = 144
+n_head = 9
+dropout = 0.0
+penalty_coeff = 0.1
+shift_init = math.pi / 2

@@ -1,0 +1,269 @@
+"""train.py and configurator.py: configuration errors, tiny runs of both models, exact resume,
+DDP on CPU, SIGTERM, the NaN guard and data/checkpoint errors. Runs train.py as users do."""
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from configurator import ConfigError, configure
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--dataset=wiki_sample', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32',
+        '--batch_size=4', '--gradient_accumulation_steps=2', '--eval_iters=4', '--log_interval=1',
+        '--warmup_iters=2', '--learning_rate=3e-3', '--min_lr=3e-4', '--lr_decay_iters=100']
+
+
+def train(data_dir, out_dir, *args, timeout=240, **kw):
+    cmd = [sys.executable, os.path.join(HERE, 'train.py'), *TINY, f'--data_dir={data_dir}',
+           f'--out_dir={out_dir}', *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def error_line(r):
+    """The one line a failed run printed: non-zero exit, no traceback."""
+    assert r.returncode != 0
+    assert 'Traceback' not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------- configurator
+
+DEFAULTS = dict(n_layer=12, learning_rate=6e-4, dropout_n_head=None, compile=False, out_dir='out',
+                wandb_run_name=None, shift_init=0.0)
+
+
+def test_config_overrides_and_types():
+    c = configure(dict(DEFAULTS), ['--n_layer=4', '--learning_rate=1', '--dropout_n_head=3',
+                                   '--compile=True', '--out_dir=out/run 1', '--wandb_run_name=x'])
+    assert c['n_layer'] == 4 and c['learning_rate'] == 1.0 and isinstance(c['learning_rate'], float)
+    assert c['dropout_n_head'] == 3 and c['compile'] is True and c['out_dir'] == 'out/run 1'
+    assert c['wandb_run_name'] == 'x'
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('--n_layers=4', "unknown config key 'n_layers'; did you mean 'n_layer'?"),
+    ('--n_layer=4.5', 'n_layer expects int'),
+    ('--n_layer=four', 'n_layer expects int'),
+    ('--compile=1', 'compile expects bool'),
+    ('--learning_rate=fast', 'learning_rate expects float'),
+    ('--compile', "malformed argument '--compile'"),
+    ('--=3', 'malformed argument'),
+    ('config/no_such_file.py', 'config file not found: config/no_such_file.py'),
+])
+def test_config_errors(arg, message):
+    with pytest.raises(ConfigError, match=message.replace('?', r'\?').replace('(', r'\(')):
+        configure(dict(DEFAULTS), [arg])
+
+
+def test_config_file(tmp_path):
+    good = tmp_path / 'good.py'
+    good.write_text("import math\n_width = 2\nn_layer = 3 * _width\nshift_init = math.pi / 2\n")
+    c = configure(dict(DEFAULTS), [str(good), '--n_layer=2'])
+    assert c['n_layer'] == 2 and c['shift_init'] == pytest.approx(1.5707963)
+    bad = tmp_path / 'bad.py'
+    bad.write_text("learning_rat = 1e-3\n")
+    with pytest.raises(ConfigError, match="bad.py: unknown config key 'learning_rat'; did you mean 'learning_rate'"):
+        configure(dict(DEFAULTS), [str(bad)])
+    typo = tmp_path / 'typo.py'
+    typo.write_text("n_layer = '6'\n")
+    with pytest.raises(ConfigError, match='n_layer expects int'):
+        configure(dict(DEFAULTS), [str(typo)])
+    broken = tmp_path / 'broken.py'
+    broken.write_text("n_layer = 1 +\n")
+    with pytest.raises(ConfigError, match='failed to run: SyntaxError'):
+        configure(dict(DEFAULTS), [str(broken)])
+
+
+def train_defaults():
+    """train.py's default config globals, read without running it."""
+    tree = ast.parse(open(os.path.join(HERE, 'train.py')).read())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == 'config_keys':
+                return out
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+    raise AssertionError('config_keys not found in train.py')
+
+
+def test_every_config_file_loads():
+    for name in sorted(os.listdir(os.path.join(HERE, 'config'))):
+        c = configure(train_defaults(), [os.path.join(HERE, 'config', name)])
+        assert c['model_type'] in ('learned', 'baseline'), name
+        assert c['out_dir'] == f"out/{name[:-3]}", name
+
+
+def test_train_cli_errors_are_one_line(data_dir, tmp_path):
+    assert 'did you mean' in error_line(train(data_dir, tmp_path, '--n_embed=32'))
+    assert "model_type must be one of" in error_line(train(data_dir, tmp_path, '--model_type=moe'))
+    assert 'shift_init must be in [0, pi]' in error_line(train(data_dir, tmp_path, '--shift_init=4.0'))
+
+
+# ---------------------------------------------------------------------------- tiny runs
+
+TRAIN_KEYS = {'iter', 'loss', 'ce', 'lr', 'ms_per_iter', 'tokens_per_s'}
+MASK_KEYS = {'penalty', 'keep', 'keep_per_layer', 'mask_mean', 'mask_gt_0.9', 'mask_lt_0.1'}
+
+
+@pytest.mark.parametrize('model_type', ['learned', 'baseline'])
+def test_tiny_training_run(data_dir, tmp_path, model_type):
+    extra = ['--shift_init=1.5'] if model_type == 'learned' else ['--dropout=0.1']
+    r = ok(train(data_dir, tmp_path, f'--model_type={model_type}', '--max_iters=30', '--eval_interval=15', *extra))
+    recs = records(tmp_path)
+    evals = [x for x in recs if 'val/loss' in x]
+    steps = [x for x in recs if 'loss' in x]
+    assert [x['iter'] for x in evals] == [0, 15, 30]
+    assert [x['iter'] for x in steps] == list(range(30))
+    assert evals[-1]['val/loss'] < evals[0]['val/loss'] - 1.0  # clearly learning
+    assert all(TRAIN_KEYS <= set(x) for x in steps)
+    if model_type == 'learned':
+        assert all(MASK_KEYS <= set(x) for x in steps)
+        assert len(steps[0]['keep_per_layer']) == 2
+        assert 'val/keep' in evals[-1] and len(evals[-1]['val/keep_per_layer']) == 2
+        assert steps[0]['loss'] == pytest.approx(steps[0]['ce'] + 0.1 * steps[0]['penalty'], rel=1e-5)
+        assert 'keep' in r.stdout
+    else:
+        assert not MASK_KEYS & set(steps[0])
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_type'] == model_type and ckpt['iter_num'] == 30
+    assert not any(k.startswith('_orig_mod.') for k in ckpt['model'])
+    assert {'optimizer', 'scaler', 'rng', 'config', 'best_val_loss', 'model_args'} <= set(ckpt)
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    assert best['best_val_loss'] == pytest.approx(min(x['val/loss'] for x in evals))
+    assert json.load(open(tmp_path / 'config.json'))['model_type'] == model_type
+
+
+def final_state(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
+
+
+def assert_same_run(a, b, from_iter):
+    ra = [x for x in records(a) if x['iter'] >= from_iter]
+    rb = [x for x in records(b) if x['iter'] >= from_iter]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ('ms_per_iter', 'tokens_per_s')}
+    assert [strip(x) for x in ra] == [strip(x) for x in rb]
+    sa, sb = final_state(a), final_state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_exact_resume(data_dir, tmp_path):
+    args = ['--max_iters=8', '--eval_interval=4', '--shift_init=1.5']
+    ok(train(data_dir, tmp_path / 'a', *args))
+    ok(train(data_dir, tmp_path / 'b', *args, '--max_iters=4'))
+    r = ok(train(data_dir, tmp_path / 'b', *args, '--init_from=resume'))
+    assert 'step 4:' not in r.stdout  # the checkpoint's evaluation is not redone
+    assert_same_run(tmp_path / 'a', tmp_path / 'b', 0)
+
+
+def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
+    args = ['--eval_interval=1000', '--shift_init=1.5']
+    cmd = [sys.executable, '-u', os.path.join(HERE, 'train.py'), *TINY, f'--data_dir={data_dir}',
+           f'--out_dir={tmp_path / "b"}', *args, '--max_iters=100000']
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith('iter 3:'):
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert 'stopped by SIGTERM' in out and '--init_from=resume' in out
+    k = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['iter_num']
+    assert k >= 4
+    ok(train(data_dir, tmp_path / 'b', *args, f'--max_iters={k + 3}', '--init_from=resume'))
+    ok(train(data_dir, tmp_path / 'a', *args, f'--max_iters={k + 3}'))
+    assert_same_run(tmp_path / 'a', tmp_path / 'b', 0)
+
+
+def test_nan_guard_keeps_last_good_checkpoint(data_dir, tmp_path):
+    ok(train(data_dir, tmp_path, '--max_iters=3', '--eval_interval=3'))
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+    r = train(data_dir, tmp_path, '--max_iters=9', '--eval_interval=3', '--init_from=resume',
+              '--learning_rate=1e30', '--decay_lr=False')
+    line = error_line(r)
+    assert 'nan/inf at iter' in line and 'untouched' in line
+    bad = int(line.split('at iter ')[1].split(';')[0])
+    assert 3 <= bad < 9
+    assert (tmp_path / 'ckpt.pt').read_bytes() == before
+
+
+def test_ddp_two_processes_gloo(data_dir, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(HERE, 'train.py'), *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
+           '--max_iters=6', '--eval_interval=3', '--gradient_accumulation_steps=4', '--shift_init=1.5']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env))
+    assert 'x 2 processes' in r.stdout and r.stdout.count('step 6:') == 1  # rank 0 alone logs
+    recs = records(tmp_path)
+    assert [x['iter'] for x in recs if 'val/loss' in x] == [0, 3, 6]
+    conf = json.load(open(tmp_path / 'config.json'))
+    assert conf['world_size'] == 2 and conf['tokens_per_iter'] == 4 * 4 * 32  # accumulation split over ranks
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 6 and len(ckpt['rng']) == 2
+    assert not torch.equal(ckpt['rng'][0]['batch'], ckpt['rng'][1]['batch'])  # ranks draw different batches
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_missing_data_names_the_command(tmp_path):
+    line = error_line(train(tmp_path / 'nodata', tmp_path / 'out', '--max_iters=1'))
+    assert "python prepare_wiki.py --source=sample" in line
+    line = error_line(train(tmp_path / 'nodata', tmp_path / 'out', '--dataset=mine'))
+    assert "--name=mine" in line
+
+
+def test_block_size_longer_than_data(tmp_path):
+    docs = tmp_path / 'docs.txt'
+    docs.write_text('\n<|endoftext|>\n'.join(f'Short document {i}.' for i in range(30)))
+    subprocess.run([sys.executable, os.path.join(HERE, 'prepare_wiki.py'), '--source=files', '--files', str(docs),
+                    '--name=tiny', f'--data_dir={tmp_path}'], check=True, capture_output=True)
+    line = error_line(train(tmp_path, tmp_path / 'out', '--dataset=tiny', '--block_size=64'))
+    assert 'too few for block_size=64' in line
+
+
+def test_checkpoint_mismatch_and_corruption(data_dir, tmp_path):
+    ok(train(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2'))
+    line = error_line(train(data_dir, tmp_path, '--init_from=resume', '--model_type=baseline'))
+    assert "holds a 'learned' model but model_type='baseline'" in line
+    line = error_line(train(data_dir, tmp_path, '--init_from=resume', '--n_layer=3'))
+    assert 'n_layer=2' in line and 'n_layer=3' in line
+    data = (tmp_path / 'ckpt.pt').read_bytes()
+    (tmp_path / 'ckpt.pt').write_bytes(data[: len(data) // 2])
+    assert 'corrupt or incomplete' in error_line(train(data_dir, tmp_path, '--init_from=resume'))
+    assert 'no ' in error_line(train(data_dir, tmp_path / 'empty', '--init_from=resume'))
+
+
+def test_wandb_is_offline_by_default(data_dir, tmp_path):
+    fake = tmp_path / 'fake'
+    fake.mkdir()
+    (fake / 'wandb.py').write_text(
+        "import json, os\nlog_path = os.environ['FAKE_WANDB_LOG']\n"
+        "def _w(x):\n    open(log_path, 'a').write(json.dumps(x) + '\\n')\n"
+        "def init(**kw):\n    _w({'init': kw['name'], 'mode': os.environ.get('WANDB_MODE')})\n"
+        "def log(record, step=None):\n    _w({'step': step})\n"
+        "def finish():\n    _w({'finish': True})\n")
+    env = dict(os.environ, PYTHONPATH=str(fake), FAKE_WANDB_LOG=str(tmp_path / 'w.jsonl'))
+    env.pop('WANDB_MODE', None)
+    ok(train(data_dir, tmp_path / 'out', '--max_iters=2', '--eval_interval=2', '--wandb_log=True', env=env))
+    calls = [json.loads(line) for line in open(tmp_path / 'w.jsonl')]
+    assert calls[0] == {'init': 'learned', 'mode': 'offline'}
+    assert len([c for c in calls if 'step' in c]) == len(records(tmp_path / 'out'))
+    assert calls[-1] == {'finish': True}

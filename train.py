@@ -1,0 +1,467 @@
+"""
+Train the LearnedDropout GPT (model.py) or the baseline GPT (baseline_model.py).
+
+One GPU or CPU:
+$ python train.py config/learned_shift0.py --compile=True
+Overrides and resume (same command plus init_from):
+$ python train.py config/quick_learned.py --max_iters=500 --init_from=resume
+DDP, 4 GPUs on one node:
+$ torchrun --standalone --nproc_per_node=4 train.py config/baseline.py
+
+The defaults below are the seed runs' shared settings (SPEC.md section 6).
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import ConfigError, configure
+
+# -----------------------------------------------------------------------------
+# default config values
+# I/O
+out_dir = 'out'  # checkpoints (ckpt.pt, best.pt), metrics.jsonl and config.json go here
+eval_interval = 500  # evaluate (and checkpoint) every this many iterations
+log_interval = 10  # log training statistics every this many iterations
+eval_iters = 200  # batches per split in each evaluation
+eval_only = False  # evaluate once, then exit
+always_save_checkpoint = True  # write ckpt.pt at every evaluation, not only when val improves
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# wandb logging
+wandb_log = False  # off by default; when on, offline unless WANDB_MODE says otherwise
+wandb_project = 'learned-dropout'
+wandb_run_name = None  # None: the config file's name
+# data
+data_dir = 'data'  # datasets prepared by prepare_wiki.py live in data_dir/dataset
+dataset = 'wikipedia'
+gradient_accumulation_steps = 16  # micro-steps per optimizer step, summed over all DDP ranks
+batch_size = 50  # micro-batch size per rank
+block_size = 200  # context length
+# model
+model_type = 'learned'  # 'learned' (model.py) or 'baseline' (baseline_model.py)
+n_layer = 26
+n_head = 9
+n_embd = 144
+dropout = 0.0  # standard dropout rate (baseline; 0 in the learned model)
+bias = False  # biases in Linear and LayerNorm layers
+shift_init = 0.0  # learned: initial shift b of the mask's cosine, in [0, pi]
+dropout_n_head = None  # learned: heads of the mask attention (None: n_head)
+penalty_coeff = 0.1  # learned: weight of mean(M^2/2) in the loss (0: no penalty)
+# adamw optimizer
+learning_rate = 9e-4  # max learning rate
+max_iters = 26000  # total optimizer steps
+weight_decay = 0.1  # on >= 2-D parameters only
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 0.0  # clip gradients at this norm, 0: no clipping
+# learning rate schedule
+decay_lr = True  # linear warmup then cosine decay; False: constant learning_rate
+warmup_iters = 300
+lr_decay_iters = 700000  # cosine reaches min_lr here (the seed's 700k makes it nearly constant)
+min_lr = 9e-5
+# system
+backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
+device = 'auto'  # 'auto' = cuda > mps > cpu; or e.g. 'cpu', 'cuda:1'
+dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 (CUDA) or float32; or set one
+compile = False  # torch.compile the model
+seed = 1337
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
+
+
+def fail(message, code=1):
+    """One line on stderr, then exit: for problems the user can fix."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+try:
+    cli_args = sys.argv[1:]
+    config = configure({k: globals()[k] for k in config_keys}, cli_args)
+except ConfigError as e:
+    fail(str(e), code=2)
+globals().update(config)
+for key, allowed in (('model_type', ('learned', 'baseline')), ('init_from', ('scratch', 'resume')),
+                     ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
+    if config[key] not in allowed:
+        fail(f"{key} must be one of {', '.join(map(repr, allowed))}, got {config[key]!r}", code=2)
+if wandb_run_name is None:
+    config_files = [a for a in cli_args if not a.startswith('--')]
+    wandb_run_name = os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files else model_type
+    config['wandb_run_name'] = wandb_run_name
+# -----------------------------------------------------------------------------
+# devices, DDP, precision
+
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+if ddp:
+    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    if device.startswith('cuda'):
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    init_process_group(backend=('nccl' if device.startswith('cuda') else 'gloo') if backend == 'auto' else backend)
+    if gradient_accumulation_steps % ddp_world_size:
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the "
+             f"number of processes ({ddp_world_size})", code=2)
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    ddp_rank, ddp_world_size = 0, 1
+master_process = ddp_rank == 0
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+torch.manual_seed(seed + ddp_rank)  # the learned masks' noise differs per rank
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+elif device_type == 'cpu':
+    torch.set_flush_denormal(True)  # denormals make CPU matmuls many times slower
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bf16
+peak_flops = None
+if device_type == 'cuda':
+    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+
+# -----------------------------------------------------------------------------
+# data: uniformly random windows of the memmapped token files
+
+data_path = os.path.join(data_dir, dataset)
+PREPARE_HINT = {'wiki_sample': 'python prepare_wiki.py --source=sample',
+                'wikipedia': 'python prepare_wiki.py --max_tokens=42600000'}
+if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
+    hint = PREPARE_HINT.get(dataset, f'python prepare_wiki.py --source=files --files YOUR_FILES --name={dataset}')
+    fail(f"no prepared data in {data_path}: run '{hint}'" + (f" --data_dir={data_dir}" if data_dir != 'data' else ''))
+with open(os.path.join(data_path, 'meta.json')) as f:
+    meta = json.load(f)
+vocab_size = meta['vocab_size']
+for split in ('train', 'val'):
+    n_tokens = os.path.getsize(os.path.join(data_path, f'{split}.bin')) // 2
+    if n_tokens != meta[f'{split}_tokens']:
+        fail(f"{data_path}/{split}.bin has {n_tokens} tokens but meta.json says {meta[f'{split}_tokens']}: "
+             f"the preparation is incomplete; run prepare_wiki.py again with --force")
+    if n_tokens <= block_size:
+        fail(f"{data_path}/{split}.bin has {n_tokens} tokens, too few for block_size={block_size}; "
+             f"use a smaller block_size or more data")
+batch_gen = torch.Generator().manual_seed(seed + ddp_rank)  # training windows, saved for exact resume
+window = np.arange(block_size + 1)
+
+
+def get_batch(split, generator):
+    # a new memmap each call: a long-lived one keeps growing in memory (numpy issue)
+    data = np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=np.uint16, mode='r')
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    w = torch.from_numpy(data[ix[:, None] + window].astype(np.int64))  # (B, T+1)
+    x, y = w[:, :-1], w[:, 1:]
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, checkpoint
+
+if model_type == 'learned':
+    import model as model_module
+    model_keys = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias',
+                  'shift_init', 'dropout_n_head', 'penalty_coeff')
+else:
+    import baseline_model as model_module
+    model_keys = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'dropout', 'bias')
+model_args = {k: globals()[k] for k in model_keys}
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+checkpoint = None
+if init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        fail(f"init_from='resume' but there is no {ckpt_path}; train from scratch first (init_from='scratch')")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        fail(f"cannot read {ckpt_path} ({type(e).__name__}): the file is corrupt or incomplete; "
+             f"use another checkpoint or start again with --init_from=scratch")
+    if checkpoint.get('model_type') != model_type:
+        fail(f"{ckpt_path} holds a {checkpoint.get('model_type')!r} model but model_type={model_type!r}: "
+             f"resume with the config the run was started with")
+    for k, v in checkpoint['model_args'].items():
+        if model_args.get(k) != v:
+            fail(f"{ckpt_path} was trained with {k}={v!r} but this run has {k}={model_args.get(k)!r}: "
+                 f"resume with the config the run was started with")
+try:
+    gptconf = model_module.GPTConfig(**model_args)
+except ValueError as e:
+    fail(f"bad model configuration: {e}", code=2)
+model = model_module.GPT(gptconf)
+model.to(device)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+iter_num, best_val_loss, evaluated_at = 0, float('inf'), -1
+if checkpoint is not None:
+    model.load_state_dict(checkpoint['model'])
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    iter_num, best_val_loss, evaluated_at = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['evaluated_at']
+    rng = checkpoint['rng'][ddp_rank] if len(checkpoint['rng']) == ddp_world_size else None
+    if rng is None:
+        print(f"warning: {ckpt_path} was written by {len(checkpoint['rng'])} process(es), this run has "
+              f"{ddp_world_size}: random streams restart from the seed")
+    else:
+        torch.set_rng_state(rng['torch'])
+        batch_gen.set_state(rng['batch'])
+        if device_type == 'cuda':
+            torch.cuda.set_rng_state(rng['cuda'], device)
+    checkpoint = None  # free the memory
+raw_model = model
+if compile:
+    model = torch.compile(model)
+train_model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None) if ddp else model
+
+
+def rng_state():
+    """This rank's random streams: the model's noise (masks, dropout) and the batch sampler."""
+    state = {'torch': torch.get_rng_state(), 'batch': batch_gen.get_state()}
+    if device_type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(path, with_optimizer=True):
+    """Written to a temporary name and renamed, so an interrupted save never clobbers a good file.
+    Every rank must call it (the RNG states are gathered); rank 0 writes."""
+    states = [None] * ddp_world_size
+    if ddp:
+        torch.distributed.all_gather_object(states, {k: v.cpu() for k, v in rng_state().items()})
+    else:
+        states[0] = rng_state()
+    if not master_process:
+        return
+    ckpt = {'model': raw_model.state_dict(), 'model_type': model_type, 'model_args': model_args,
+            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'evaluated_at': evaluated_at,
+            'config': config, 'rng': states}
+    if with_optimizer:
+        ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+    torch.save(ckpt, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Pure cross-entropy (eval mode: deterministic masks, no dropout) on the same eval_iters
+    batches of each split every time, plus the learned model's eval-mode mask statistics."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        gen = torch.Generator().manual_seed(seed + 1)  # fixed eval batches: comparable across evaluations
+        sums = {}
+        for _ in range(eval_iters):
+            X, Y = get_batch(split, gen)
+            with ctx:
+                _, _, stats = model(X, Y, return_stats=True)
+            sums = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}
+        for k, v in sums.items():
+            v = (v / eval_iters).tolist()
+            name = 'loss' if k == 'ce' else k
+            out[f'{split}/{name}'] = v if isinstance(v, float) else sum(v) / len(v)
+            if k == 'keep':
+                out[f'{split}/keep_per_layer'] = v
+    model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:  # linear warmup
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# logging: console, out_dir/metrics.jsonl, optionally wandb
+
+metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+wandb = None
+
+
+def trim_metrics():
+    """On resume, drop what the interrupted run logged after its checkpoint: it is about to be
+    redone. Training records carry the iteration that ran; evaluations the iteration before which
+    they ran."""
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if r['iter'] < iter_num or (r['iter'] == evaluated_at == iter_num and 'val/loss' in r)]
+    with open(metrics_path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(metrics_path + '.tmp', metrics_path)
+
+if master_process:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if init_from == 'resume' and os.path.exists(metrics_path):
+            trim_metrics()
+        elif init_from == 'scratch' and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+            json.dump(dict(config, dtype=dtype, device=device, world_size=ddp_world_size,
+                           tokens_per_iter=tokens_per_iter, num_params=raw_model.get_num_params()), f, indent=1)
+    except OSError as e:
+        fail(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
+    if wandb_log:
+        os.environ.setdefault('WANDB_MODE', 'offline')  # online needs a key and a network
+        try:
+            import wandb
+        except ImportError:
+            fail("wandb_log=True needs wandb: pip install wandb", code=2)
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    print(f"{model_type} model, {raw_model.get_num_params():,} parameters, {dtype} on {device}"
+          f"{f' x {ddp_world_size} processes' if ddp else ''}, {tokens_per_iter:,} tokens per iteration")
+
+
+def log(record):
+    if not master_process:
+        return
+    with open(metrics_path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    if wandb is not None:
+        wandb.log(record, step=record['iter'])
+
+
+# -----------------------------------------------------------------------------
+# stopping: SIGINT/SIGTERM finish the step, save and exit; a non-finite loss stops the run
+
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+resume_cmd = ' '.join(['python train.py'] + [a for a in cli_args if not a.startswith('--init_from=')]
+                      + ['--init_from=resume'])
+
+
+def check_finite(bad_iter):
+    """bad_iter: device tensor, the first iteration whose loss was nan/inf, or -1. Reading it syncs,
+    so this runs only where the loop syncs anyway (logging, evaluation, saving)."""
+    bad = int(bad_iter)
+    if bad >= 0:
+        kept = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else "no checkpoint was written"
+        fail(f"the loss became nan/inf at iter {bad}; stopping ({kept}). "
+             f"Try a lower learning_rate, grad_clip=1.0 or dtype='float32'")
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+bad_iter = torch.tensor(-1, device=device)
+t_log, iters_since_log = time.time(), 0
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    due = iter_num % eval_interval == 0 or iter_num == max_iters
+    if (due and iter_num != evaluated_at) or eval_only:  # a resumed run does not redo its checkpoint's eval
+        check_finite(bad_iter)
+        if master_process:
+            losses = estimate_loss()
+            evaluated_at = iter_num
+            keep = f", val keep {losses['val/keep']:.4f}" if 'val/keep' in losses else ''
+            print(f"step {iter_num}: train loss {losses['train/loss']:.4f}, val loss {losses['val/loss']:.4f}{keep}")
+            log({'iter': iter_num, **losses, 'lr': lr})
+            improved = losses['val/loss'] < best_val_loss
+            best_val_loss = min(best_val_loss, losses['val/loss'])
+        else:
+            improved = False
+        if ddp:  # every rank takes part in the save (RNG states are gathered)
+            flag = torch.tensor([float(improved), best_val_loss], device=device)
+            torch.distributed.broadcast(flag, 0)
+            improved, best_val_loss = bool(flag[0]), float(flag[1])
+            evaluated_at = iter_num
+        if iter_num > 0 and not eval_only:
+            if always_save_checkpoint or improved:
+                save_checkpoint(ckpt_path)
+            if improved:
+                save_checkpoint(os.path.join(out_dir, 'best.pt'), with_optimizer=False)
+    if iter_num >= max_iters or eval_only:
+        break
+
+    # one optimizer step over gradient_accumulation_steps micro-batches; no host sync in here
+    log_step = iter_num % log_interval == 0
+    stat_sums = {}
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:  # all-reduce the gradients only once, on the last micro-step
+            train_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        X, Y = get_batch('train', batch_gen)
+        with ctx:
+            _, loss, stats = train_model(X, Y, return_stats=True)
+            loss = loss / gradient_accumulation_steps
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+        if log_step:
+            stat_sums = {k: stat_sums.get(k, 0) + v.float() for k, v in stats.items()}
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss_sum), iter_num, bad_iter)
+    iter_num += 1
+    iters_since_log += 1
+
+    if log_step and master_process:
+        check_finite(bad_iter)  # syncs, as the .tolist() below would
+        dt = (time.time() - t_log) / iters_since_log
+        t_log, iters_since_log = time.time(), 0
+        s = {k: (v / gradient_accumulation_steps).tolist() for k, v in stat_sums.items()}
+        record = {'iter': iter_num - 1, 'loss': loss_sum.item(), 'ce': s['ce']}
+        line = f"iter {iter_num - 1}: loss {record['loss']:.4f}"
+        if 'keep' in s:
+            for k in ('penalty', 'keep', 'mask_mean', 'mask_gt_0.9', 'mask_lt_0.1'):
+                record[k] = sum(s[k]) / len(s[k])
+            record['keep_per_layer'] = s['keep']
+            line += f", ce {s['ce']:.4f}, penalty {record['penalty']:.4f}, keep {record['keep']:.4f}"
+        record.update(lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt)
+        line += f", lr {lr:.2e}, time {dt * 1000:.1f}ms, {tokens_per_iter / dt:,.0f} tok/s"
+        if peak_flops is not None:
+            record['mfu'] = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps * ddp_world_size,
+                                                   dt, peak_flops)
+            line += f", mfu {record['mfu'] * 100:.1f}%"
+        print(line)
+        log(record)
+
+    stop = stop_signal is not None
+    if ddp and log_step:  # agree on stopping only where the loop syncs anyway
+        flag = torch.tensor(float(stop), device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        stop = bool(flag)
+    elif ddp:
+        stop = False
+    if stop:
+        check_finite(bad_iter)
+        save_checkpoint(ckpt_path)
+        if master_process:
+            print(f"stopped by {stop_signal or 'a signal'} after iter {iter_num - 1}; saved {ckpt_path}. "
+                  f"Resume with: {resume_cmd}")
+        break
+
+if master_process and wandb is not None:
+    wandb.finish()
+if ddp:
+    destroy_process_group()
