@@ -70,5 +70,7 @@ def configure(config, argv):
                 value = ast.literal_eval(raw)
             except (SyntaxError, ValueError):
                 value = raw  # a bare string such as --out_dir=out/run1
+            if isinstance(config[key], str) and value is not None:
+                value = raw  # a string setting keeps the text as typed: --wandb_run_name=2024, --shapes=seed,quick
             config[key] = check_value(key, value, config[key], arg)
     return config

@@ -334,11 +334,11 @@ def test_tiny_model_overfits_one_batch(module):
 
 
 def test_compile_fullgraph_forward_backward():
-    m = tiny(shift_init=math.pi / 2).train()
+    m = tiny(shift_init=math.pi / 2, n_layer=1).train()
     compiled = torch.compile(m, fullgraph=True)
     x = torch.randint(0, 97, (2, 16))
     logits, loss, stats = compiled(x, x, return_stats=True)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in m.parameters())
-    assert stats['keep'].shape == (2,)
+    assert stats['keep'].shape == (1,)

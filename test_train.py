@@ -53,9 +53,9 @@ DEFAULTS = dict(n_layer=12, learning_rate=6e-4, dropout_n_head=None, compile=Fal
 
 def test_config_overrides_and_types():
     c = configure(dict(DEFAULTS), ['--n_layer=4', '--learning_rate=1', '--dropout_n_head=3',
-                                   '--compile=True', '--out_dir=out/run 1', '--wandb_run_name=x'])
+                                   '--compile=True', '--out_dir=2024', '--wandb_run_name=x'])
     assert c['n_layer'] == 4 and c['learning_rate'] == 1.0 and isinstance(c['learning_rate'], float)
-    assert c['dropout_n_head'] == 3 and c['compile'] is True and c['out_dir'] == 'out/run 1'
+    assert c['dropout_n_head'] == 3 and c['compile'] is True and c['out_dir'] == '2024'
     assert c['wandb_run_name'] == 'x'
 
 

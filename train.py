@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, configure
+from runtime import CheckpointError, autocast, peak_flops, pick_device, pick_dtype, read_checkpoint, setup_device
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -102,8 +102,7 @@ if wandb_run_name is None:
 # devices, DDP, precision
 
 ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device = pick_device(device)
 if ddp:
     ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
     if device.startswith('cuda'):
@@ -118,21 +117,12 @@ else:
     ddp_rank, ddp_world_size = 0, 1
 master_process = ddp_rank == 0
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+dtype = pick_dtype(dtype, device_type)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 torch.manual_seed(seed + ddp_rank)  # the learned masks' noise differs per rank
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-elif device_type == 'cpu':
-    torch.set_flush_denormal(True)  # denormals make CPU matmuls many times slower
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
-PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bf16
-peak_flops = None
-if device_type == 'cuda':
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+setup_device(device_type)
+ctx = autocast(dtype, device_type)
+peak = peak_flops(device)
 
 # -----------------------------------------------------------------------------
 # data: uniformly random windows of the memmapped token files
@@ -183,13 +173,10 @@ model_args = {k: globals()[k] for k in model_keys}
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
 if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        fail(f"init_from='resume' but there is no {ckpt_path}; train from scratch first (init_from='scratch')")
     try:
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        fail(f"cannot read {ckpt_path} ({type(e).__name__}): the file is corrupt or incomplete; "
-             f"use another checkpoint or start again with --init_from=scratch")
+        checkpoint = read_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        fail(str(e))
     if checkpoint.get('model_type') != model_type:
         fail(f"{ckpt_path} holds a {checkpoint.get('model_type')!r} model but model_type={model_type!r}: "
              f"resume with the config the run was started with")
@@ -439,9 +426,9 @@ while True:
             line += f", ce {s['ce']:.4f}, penalty {record['penalty']:.4f}, keep {record['keep']:.4f}"
         record.update(lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt)
         line += f", lr {lr:.2e}, time {dt * 1000:.1f}ms, {tokens_per_iter / dt:,.0f} tok/s"
-        if peak_flops is not None:
+        if peak is not None:
             record['mfu'] = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps * ddp_world_size,
-                                                   dt, peak_flops)
+                                                   dt, peak)
             line += f", mfu {record['mfu'] * 100:.1f}%"
         print(line)
         log(record)

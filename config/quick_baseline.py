@@ -1,0 +1,20 @@
+# Plain GPT baseline (no dropout) on the embedded Wikipedia sample, sized for a CPU (about 7 minutes on 2 cores).
+# python prepare_wiki.py --source=sample && python train.py config/quick_baseline.py
+out_dir = 'out/quick_baseline'
+dataset = 'wiki_sample'
+model_type = 'baseline'
+n_layer = 4
+n_embd = 128
+n_head = 4
+dropout = 0.0
+block_size = 256
+batch_size = 8
+gradient_accumulation_steps = 1
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 30
+max_iters = 300
+lr_decay_iters = 300
+eval_interval = 50
+eval_iters = 10
+log_interval = 10

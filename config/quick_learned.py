@@ -1,0 +1,22 @@
+# LearnedDropout GPT on the embedded Wikipedia sample, sized for a CPU (about 7 minutes on 2 cores).
+# python prepare_wiki.py --source=sample && python train.py config/quick_learned.py
+out_dir = 'out/quick_learned'
+dataset = 'wiki_sample'
+model_type = 'learned'
+n_layer = 4
+n_embd = 120  # narrower than quick_baseline's 128: the mask attention's weights make up the difference
+n_head = 4
+dropout = 0.0
+penalty_coeff = 0.1
+shift_init = 0.0
+block_size = 256
+batch_size = 8
+gradient_accumulation_steps = 1
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 30
+max_iters = 300
+lr_decay_iters = 300
+eval_interval = 50
+eval_iters = 10
+log_interval = 10

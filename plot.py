@@ -1,0 +1,171 @@
+"""
+Charts from training runs (out_dir/metrics.jsonl) and from a checkpoint's masks.
+
+$ python plot.py out/quick_learned out/quick_baseline            # curves.png/svg, keep_layers_*.png/svg
+$ python plot.py out/quick_learned --mask_text="The Moon is Earth's only natural satellite."
+
+Writes into --out (default: plots/):
+- curves: train and val cross-entropy (eval mode), the penalty mean(M^2/2) (the write-up's "L1 norm")
+  and the keep fraction of the training masks over steps, every run overlaid;
+- keep_layers_<run>: per-layer keep fraction over steps (layer x step heatmap) of each learned run;
+- masks_<run> (with --mask_text): the deterministic mask's keep fraction per token and layer.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+class PlotError(Exception):
+    pass
+
+
+def load_run(out_dir):
+    """(name, eval records, training records) of a run folder."""
+    path = os.path.join(out_dir, 'metrics.jsonl')
+    if not os.path.exists(path):
+        raise PlotError(f"no metrics file {path}: is {out_dir} a run folder written by train.py?")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    name = os.path.basename(os.path.normpath(out_dir))
+    config_path = os.path.join(out_dir, 'config.json')
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            name = json.load(f).get('wandb_run_name') or name
+    return name, [r for r in records if 'val/loss' in r], [r for r in records if 'loss' in r]
+
+
+def unique_names(runs, out_dirs):
+    """Run names from their configs; the folder name where two runs share a config."""
+    names = [r[0] for r in runs]
+    return [n if names.count(n) == 1 else os.path.basename(os.path.normpath(d)) for n, d in zip(names, out_dirs)]
+
+
+def save(fig, out, stem):
+    paths = [os.path.join(out, f'{stem}.{ext}') for ext in ('png', 'svg')]
+    for p in paths:
+        fig.savefig(p, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+    return paths
+
+
+def plot_curves(runs, out):
+    panels = [('train/loss', 'evals', 'train cross-entropy (eval mode)'),
+              ('val/loss', 'evals', 'val cross-entropy (eval mode)'),
+              ('penalty', 'steps', 'penalty mean(M²/2), the "L1 norm"'),
+              ('keep', 'steps', 'keep fraction (training masks)')]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for ax, (key, kind, title) in zip(axes.flat, panels):
+        for name, evals, steps in runs:
+            recs = [r for r in (evals if kind == 'evals' else steps) if key in r]
+            if recs:
+                ax.plot([r['iter'] for r in recs], [r[key] for r in recs], label=name,
+                        marker='o' if kind == 'evals' and len(recs) < 30 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel('iteration')
+        ax.set_ylabel(title.split(' (')[0].split(',')[0])
+        ax.grid(alpha=0.3)
+        if not ax.lines:
+            ax.text(0.5, 0.5, 'no learned run', ha='center', va='center', transform=ax.transAxes)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=min(4, len(labels)), bbox_to_anchor=(0.5, -0.04))
+    fig.tight_layout()
+    return save(fig, out, 'curves')
+
+
+def plot_keep_layers(name, steps, out):
+    recs = [r for r in steps if 'keep_per_layer' in r]
+    grid = np.array([r['keep_per_layer'] for r in recs]).T  # (layers, logged steps)
+    fig, ax = plt.subplots(figsize=(10, 0.25 * grid.shape[0] + 2))
+    iters = [r['iter'] for r in recs]
+    im = ax.imshow(grid, aspect='auto', origin='lower', vmin=0, vmax=1, cmap='viridis', interpolation='nearest',
+                   extent=(iters[0], iters[-1], -0.5, grid.shape[0] - 0.5))
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('layer')
+    ax.set_title(f'{name}: keep fraction of the training masks per layer')
+    fig.colorbar(im, ax=ax, label='keep fraction')
+    return save(fig, out, f'keep_layers_{name}')
+
+
+def token_layer_keep(out_dir, text, checkpoint):
+    """(token strings, (layers, tokens) keep fraction of the deterministic masks) for text."""
+    import torch
+    from runtime import CheckpointError, load_model
+    from tokenizer import get_gpt2
+    try:
+        model, ckpt = load_model(os.path.join(out_dir, checkpoint))
+    except CheckpointError as e:
+        raise PlotError(str(e))
+    if ckpt['model_type'] != 'learned':
+        raise PlotError(f"{out_dir} is a {ckpt['model_type']} run: mask charts need a learned model")
+    enc = get_gpt2()
+    ids = enc.encode(text, allowed_special={'<|endoftext|>'})[:model.config.block_size]
+    if not ids:
+        raise PlotError("--mask_text is empty")
+    keep = []
+    with torch.no_grad():
+        x = model.embed(torch.tensor([ids]))
+        for block in model.transformer.h:
+            x, _, r = block(x)
+            keep.append(r[0].mean(-1))  # share of kept channels per token
+    return [enc.decode([i]) for i in ids], torch.stack(keep).numpy()
+
+
+def plot_masks(name, tokens, keep, out):
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(tokens) + 2), 0.25 * keep.shape[0] + 2.5))
+    im = ax.imshow(keep, aspect='auto', origin='lower', vmin=0, vmax=1, cmap='magma', interpolation='nearest')
+    ax.set_xticks(range(len(tokens)))
+    ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=90, fontsize=8)
+    ax.set_xlabel('token')
+    ax.set_ylabel('layer')
+    ax.set_title(f'{name}: kept share of MLP channels per token (deterministic masks)')
+    fig.colorbar(im, ax=ax, label='keep fraction')
+    return save(fig, out, f'masks_{name}')
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
+    p.add_argument('out_dirs', nargs='+', metavar='OUT_DIR', help='run folders written by train.py')
+    p.add_argument('--out', default='plots', help='where the charts go (default: plots)')
+    p.add_argument('--mask_text', help='text (or FILE:path) for the token x layer mask chart of each learned run')
+    p.add_argument('--checkpoint', default='ckpt.pt', help='checkpoint for --mask_text: ckpt.pt or best.pt')
+    args = p.parse_args(argv)
+    try:
+        if args.mask_text and args.mask_text.startswith('FILE:'):
+            try:
+                with open(args.mask_text[5:], encoding='utf-8') as f:
+                    args.mask_text = f.read()
+            except OSError as e:
+                raise PlotError(f"cannot read {args.mask_text[5:]}: {e.strerror}")
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise PlotError(f"cannot write to {args.out}: {e.strerror}")
+        if args.mask_text:
+            for d in args.out_dirs:
+                name = os.path.basename(os.path.normpath(d))
+                tokens, keep = token_layer_keep(d, args.mask_text, args.checkpoint)
+                print('wrote', *plot_masks(name, tokens, keep, args.out))
+            return
+        runs = [load_run(d) for d in args.out_dirs]
+        names = unique_names(runs, args.out_dirs)
+        runs = [(n, e, s) for n, (_, e, s) in zip(names, runs)]
+        if not any(e or s for _, e, s in runs):
+            raise PlotError("the metrics files hold no records yet")
+        print('wrote', *plot_curves(runs, args.out))
+        for name, _, steps in runs:
+            if any('keep_per_layer' in r for r in steps):
+                print('wrote', *plot_keep_layers(name, steps, args.out))
+    except PlotError as e:
+        sys.exit(f"plot.py: error: {e}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,92 @@
+"""
+Sample text from a checkpoint of either model (the model_type stored in it decides).
+
+$ python sample.py --out_dir=out/quick_learned
+$ python sample.py --out_dir=out/learned_shift0 --start="FILE:prompt.txt" --num_samples=1 --mask=stochastic
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+from configurator import ConfigError, configure
+from runtime import CheckpointError, autocast, load_model, pick_device, pick_dtype, setup_device
+from tokenizer import TokenizerError, get_gpt2
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the run folder train.py wrote
+checkpoint = 'ckpt.pt'  # 'ckpt.pt' (latest) or 'best.pt' (best val loss)
+start = '<|endoftext|>'  # the prompt: text, or FILE:path to read it from a file; <|endoftext|> = a new article
+num_samples = 3  # samples to draw
+max_new_tokens = 256  # tokens generated per sample
+temperature = 0.8  # 1.0 = the model's distribution, lower = more conservative
+top_k = 200  # sample only among the top_k most likely tokens (None: all)
+mask = 'deterministic'  # learned model: 'deterministic' (R = [M >= 0.5]) or 'stochastic' (R ~ Bernoulli(M))
+seed = 1337
+device = 'auto'  # 'auto' = cuda > mps > cpu
+dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, float32 elsewhere
+compile = False  # torch.compile the model (pays off for long generations only)
+# -----------------------------------------------------------------------------
+
+
+def fail(message, code=1):
+    print(f"sample.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+try:
+    globals().update(configure({k: globals()[k] for k in (
+        'out_dir', 'checkpoint', 'start', 'num_samples', 'max_new_tokens', 'temperature', 'top_k', 'mask',
+        'seed', 'device', 'dtype', 'compile')}, sys.argv[1:]))
+except ConfigError as e:
+    fail(str(e), code=2)
+if mask not in ('deterministic', 'stochastic'):
+    fail(f"mask must be 'deterministic' or 'stochastic', got {mask!r}", code=2)
+
+device = pick_device(device)
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+setup_device(device_type)
+ctx = autocast(pick_dtype(dtype, device_type), device_type)
+try:
+    model, ckpt = load_model(os.path.join(out_dir, checkpoint), device)
+    enc = get_gpt2()
+except (CheckpointError, TokenizerError) as e:
+    fail(str(e))
+if ckpt['model_type'] == 'learned':
+    model.set_mask_mode(mask)
+elif mask != 'deterministic':
+    fail("mask='stochastic' needs a learned model; this checkpoint is a baseline", code=2)
+if compile:
+    model = torch.compile(model)
+
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except OSError as e:
+        fail(f"cannot read the prompt file {start[5:]}: {e.strerror}")
+start_ids = enc.encode(start, allowed_special={'<|endoftext|>'})
+if not start_ids:
+    fail("the prompt is empty; give some text or <|endoftext|>", code=2)
+block_size = model.config.block_size
+if len(start_ids) > block_size:
+    print(f"note: the prompt has {len(start_ids)} tokens, more than block_size={block_size}; "
+          f"the model sees its last {block_size} tokens", file=sys.stderr)
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+
+torch.manual_seed(seed)
+if device_type == 'cuda':
+    torch.cuda.manual_seed(seed)
+t0 = time.time()
+with torch.no_grad(), ctx:
+    for k in range(num_samples):
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
+        print(enc.decode(y[0].tolist()))
+        print('---------------')
+if device_type == 'cuda':
+    torch.cuda.synchronize()
+dt = time.time() - t0
+print(f"{num_samples * max_new_tokens} tokens in {dt:.2f} s ({num_samples * max_new_tokens / dt:,.1f} tokens/s, "
+      f"{ckpt['model_type']} model, iter {ckpt['iter_num']}, {device})")
