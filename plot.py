@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -89,6 +90,7 @@ def plot_keep_layers(name, steps, out):
                    extent=(iters[0], iters[-1], -0.5, grid.shape[0] - 0.5))
     ax.set_xlabel('iteration')
     ax.set_ylabel('layer')
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f'{name}: keep fraction of the training masks per layer')
     fig.colorbar(im, ax=ax, label='keep fraction')
     return save(fig, out, f'keep_layers_{name}')
@@ -125,6 +127,7 @@ def plot_masks(name, tokens, keep, out):
     ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=90, fontsize=8)
     ax.set_xlabel('token')
     ax.set_ylabel('layer')
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f'{name}: kept share of MLP channels per token (deterministic masks)')
     fig.colorbar(im, ax=ax, label='keep fraction')
     return save(fig, out, f'masks_{name}')
