@@ -81,18 +81,25 @@ def plot_curves(runs, out):
     return save(fig, out, 'curves')
 
 
+def layer_heatmap(grid, figsize, cmap, xlabel, title, **imshow_kw):
+    """A (layers, x) grid of keep fractions in [0, 1], layer 0 at the bottom."""
+    fig, ax = plt.subplots(figsize=figsize)
+    im = ax.imshow(grid, aspect='auto', origin='lower', vmin=0, vmax=1, cmap=cmap, interpolation='nearest', **imshow_kw)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('layer')
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label='keep fraction')
+    return fig, ax
+
+
 def plot_keep_layers(name, steps, out):
     recs = [r for r in steps if 'keep_per_layer' in r]
     grid = np.array([r['keep_per_layer'] for r in recs]).T  # (layers, logged steps)
-    fig, ax = plt.subplots(figsize=(10, 0.25 * grid.shape[0] + 2))
     iters = [r['iter'] for r in recs]
-    im = ax.imshow(grid, aspect='auto', origin='lower', vmin=0, vmax=1, cmap='viridis', interpolation='nearest',
-                   extent=(iters[0], iters[-1], -0.5, grid.shape[0] - 0.5))
-    ax.set_xlabel('iteration')
-    ax.set_ylabel('layer')
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f'{name}: keep fraction of the training masks per layer')
-    fig.colorbar(im, ax=ax, label='keep fraction')
+    fig, ax = layer_heatmap(grid, (10, 0.25 * grid.shape[0] + 2), 'viridis', 'iteration',
+                            f'{name}: keep fraction of the training masks per layer',
+                            extent=(iters[0], iters[-1], -0.5, grid.shape[0] - 0.5))
     return save(fig, out, f'keep_layers_{name}')
 
 
@@ -121,15 +128,10 @@ def token_layer_keep(out_dir, text, checkpoint):
 
 
 def plot_masks(name, tokens, keep, out):
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(tokens) + 2), 0.25 * keep.shape[0] + 2.5))
-    im = ax.imshow(keep, aspect='auto', origin='lower', vmin=0, vmax=1, cmap='magma', interpolation='nearest')
+    fig, ax = layer_heatmap(keep, (max(6, 0.3 * len(tokens) + 2), 0.25 * keep.shape[0] + 2.5), 'magma', 'token',
+                            f'{name}: kept share of MLP channels per token (deterministic masks)')
     ax.set_xticks(range(len(tokens)))
     ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=90, fontsize=8)
-    ax.set_xlabel('token')
-    ax.set_ylabel('layer')
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f'{name}: kept share of MLP channels per token (deterministic masks)')
-    fig.colorbar(im, ax=ax, label='keep fraction')
     return save(fig, out, f'masks_{name}')
 
 
