@@ -156,6 +156,27 @@ def test_straight_through_gradient():
     torch.testing.assert_close(ld.shift.grad, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_matches_the_write_ups_detach_construction():
+    """R = M + (1-M).detach() where N <= M, else M - M.detach(): same forward, same gradients."""
+    torch.manual_seed(0)
+    ld = LearnedDropout(GPTConfig(n_embd=12, n_head=3, shift_init=0.7)).train()
+    x = torch.randn(2, 6, 12, requires_grad=True)
+    g = torch.randn(2, 6, 12)
+    torch.manual_seed(1)
+    y, _ = ld(x)
+    (y * g).sum().backward()
+    ours = [t.grad.clone() for t in (x, ld.shift, ld.c_attn.weight)]
+    for t in (x, ld.shift, ld.c_attn.weight):
+        t.grad = None
+    torch.manual_seed(1)
+    m = 0.5 * torch.cos(reference_attention(ld.c_attn, x, 3) + ld.shift) + 0.5
+    r = torch.where(torch.rand_like(m) <= m, m + (1 - m).detach(), m - m.detach())
+    (x * r * g).sum().backward()
+    assert torch.equal(y, x * r)
+    for a, t in zip(ours, (x, ld.shift, ld.c_attn.weight)):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_stochastic_inference_option():
     m = tiny(shift_init=math.pi / 2).eval()
     x = torch.randint(0, 97, (2, 16))
