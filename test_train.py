@@ -116,6 +116,8 @@ def test_train_cli_errors_are_one_line(data_dir, tmp_path):
     assert 'did you mean' in error_line(train(data_dir, tmp_path, '--n_embed=32'))
     assert "model_type must be one of" in error_line(train(data_dir, tmp_path, '--model_type=moe'))
     assert 'shift_init must be in [0, pi]' in error_line(train(data_dir, tmp_path, '--shift_init=4.0'))
+    assert 'eval_interval must be >= 1' in error_line(train(data_dir, tmp_path, '--eval_interval=0'))
+    assert 'must be larger than warmup_iters' in error_line(train(data_dir, tmp_path, '--lr_decay_iters=2'))
 
 
 # ---------------------------------------------------------------------------- tiny runs

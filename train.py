@@ -94,6 +94,12 @@ for key, allowed in (('model_type', ('learned', 'baseline')), ('init_from', ('sc
                      ('dtype', ('auto', 'float32', 'bfloat16', 'float16'))):
     if config[key] not in allowed:
         fail(f"{key} must be one of {', '.join(map(repr, allowed))}, got {config[key]!r}", code=2)
+for key in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
+    if config[key] < 1:
+        fail(f"{key} must be >= 1, got {config[key]}", code=2)
+if decay_lr and lr_decay_iters <= warmup_iters:
+    fail(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters}), or set decay_lr=False",
+         code=2)
 if wandb_run_name is None:
     config_files = [a for a in cli_args if not a.startswith('--')]
     wandb_run_name = os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files else model_type
