@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from baseline_model import GPTConfig as BaselineConfig, GPT as BaselineGPT
-from baseline_model import LayerNorm, CausalSelfAttention, MLP, KVCache, attend
+from baseline_model import Block, KVCache, attend
 
 __all__ = ['GPTConfig', 'LearnedDropout', 'LearnedBlock', 'GPT', 'KVCache', 'MASK_STATS']
 
@@ -72,14 +72,11 @@ class LearnedDropout(nn.Module):
         return x * r, m
 
 
-class LearnedBlock(nn.Module):
+class LearnedBlock(Block):
+    """baseline_model.Block with its MLP output masked by a LearnedDropout of itself."""
 
     def __init__(self, config):
-        super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        super().__init__(config)
         self.learned_dropout = LearnedDropout(config)
 
     def forward(self, x, kv_cache=None):
@@ -119,17 +116,22 @@ class GPT(BaselineGPT):
                                      (m > 0.9).float().mean(), (m < 0.1).float().mean()]))
         return torch.stack(rows, dim=1)
 
-    def forward(self, idx, targets=None, kv_cache=None, return_stats=False):
-        """logits, loss = model(idx, targets); in training the loss adds
-        penalty_coeff * mean over layers of mean(M^2/2). With return_stats=True a third
-        value is a dict of detached tensors: 'ce' (pure cross-entropy, with targets) and one
-        (n_layer,) tensor per MASK_STATS name ('penalty' is mean(M^2/2), unweighted)."""
+    def hidden(self, idx, kv_cache=None):
+        """(residual stream after the last block, each layer's M, each layer's R)."""
         x = self.embed(idx, kv_cache)
         ms, rs = [], []
         for block in self.transformer.h:
             x, m, r = block(x, kv_cache)
             ms.append(m)
             rs.append(r)
+        return x, ms, rs
+
+    def forward(self, idx, targets=None, kv_cache=None, return_stats=False):
+        """logits, loss = model(idx, targets); in training the loss adds
+        penalty_coeff * mean over layers of mean(M^2/2). With return_stats=True a third
+        value is a dict of detached tensors: 'ce' (pure cross-entropy, with targets) and one
+        (n_layer,) tensor per MASK_STATS name ('penalty' is mean(M^2/2), unweighted)."""
+        x, ms, rs = self.hidden(idx, kv_cache)
         logits, loss = self.head(x, targets)
         ce = loss
         if loss is not None and self.training and self.config.penalty_coeff > 0:

@@ -118,13 +118,10 @@ def token_layer_keep(out_dir, text, checkpoint):
     ids = enc.encode(text, allowed_special={'<|endoftext|>'})[:model.config.block_size]
     if not ids:
         raise PlotError("--mask_text is empty")
-    keep = []
     with torch.no_grad():
-        x = model.embed(torch.tensor([ids]))
-        for block in model.transformer.h:
-            x, _, r = block(x)
-            keep.append(r[0].mean(-1))  # share of kept channels per token
-    return [enc.decode([i]) for i in ids], torch.stack(keep).numpy()
+        _, _, rs = model.hidden(torch.tensor([ids]))
+    keep = torch.stack([r[0].mean(-1) for r in rs])  # (layers, tokens): share of kept channels
+    return [enc.decode([i]) for i in ids], keep.numpy()
 
 
 def plot_masks(name, tokens, keep, out):
