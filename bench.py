@@ -30,7 +30,8 @@ batch_size = 0  # micro-batch; 0: 50 (the seed's) on CUDA, 8 on CPU
 steps = 4  # timed steps per model per round
 rounds = 3  # rounds alternating learned and baseline; the median round counts
 train = True  # benchmark the training step
-generate = True  # benchmark KV-cache generation against full recompute (quick learned shape)
+generate = True  # benchmark KV-cache generation against full recompute
+gen_shapes = 'quick'  # learned model shapes to generate with: quick and/or seed
 gen_tokens = 256  # new tokens per generation (fewer where prompt + new would pass block_size)
 gen_prompts = '1,128'  # prompt lengths to time
 seed_run_steps = 26000  # for the projected wall time of a full seed run
@@ -130,10 +131,10 @@ def bench_train(shape, mode, dev, dt, B):
     return rows
 
 
-def bench_generate(dev, dt):
-    """Tokens/s of model.generate with the KV cache and with full recompute (quick learned shape,
-    random weights: speed does not depend on them), for each prompt length."""
-    largs, _ = shape_args('quick')
+def bench_generate(shape, dev, dt):
+    """Tokens/s of model.generate with the KV cache and with full recompute (learned model of the
+    named shape, random weights: speed does not depend on them), for each prompt length."""
+    largs, _ = shape_args(shape)
     m, _ = build('learned', largs, dev)
     m.eval()
     ctx = autocast(dt, dev.split(':')[0])
@@ -159,7 +160,7 @@ def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
             'device', 'dtype', 'shapes', 'modes', 'batch_size', 'steps', 'rounds', 'train', 'generate',
-            'gen_tokens', 'gen_prompts', 'seed_run_steps', 'seed_run_accum')}, sys.argv[1:]))
+            'gen_shapes', 'gen_tokens', 'gen_prompts', 'seed_run_steps', 'seed_run_accum')}, sys.argv[1:]))
     except ConfigError as e:
         sys.exit(f"bench.py: error: {e}")
     dev = pick_device(device)
@@ -194,11 +195,12 @@ def main():
                     print(f"{'':9} projected full seed run (learned, {seed_run_steps} steps of 50 x {seed_run_accum} "
                           f"sequences) on this device, {mode}: {hours:.1f} h")
     if generate:
-        print("\ngeneration: quick learned model, top_k 200")
-        for n_prompt, n_new, cached, full in bench_generate(dev, dt):
-            print(f"prompt {n_prompt:4} + {n_new:4} new tokens: KV cache {cached:7.1f} tok/s, "
-                  f"full recompute {full:7.1f} tok/s, speed-up {cached / full:.2f}x")
-            gen_speedups.append(f"prompt {n_prompt} {cached / full:.2f}x")
+        for shape in gen_shapes.split(','):
+            print(f"\ngeneration: {shape} learned model, top_k 200")
+            for n_prompt, n_new, cached, full in bench_generate(shape, dev, dt):
+                print(f"prompt {n_prompt:4} + {n_new:4} new tokens: KV cache {cached:7.1f} tok/s, "
+                      f"full recompute {full:7.1f} tok/s, speed-up {cached / full:.2f}x")
+                gen_speedups.append(f"{shape} prompt {n_prompt} {cached / full:.2f}x")
     parts = [f"learned/baseline step time {', '.join(step_ratios)}", f"FLOP ratio {', '.join(flop_ratios)}",
              f"KV-cache generation speed-up {', '.join(gen_speedups)}"]
     print('summary: ' + '; '.join(p for p, on in zip(parts, (train, train, generate)) if on))

@@ -63,12 +63,19 @@ def plot_curves(runs, out):
               ('penalty', 'steps', 'penalty mean(M²/2), the "L1 norm"'),
               ('keep', 'steps', 'keep fraction (training masks)')]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    last_iter = max(r['iter'] for _, evals, steps in runs for r in evals + steps)
     for ax, (key, kind, title) in zip(axes.flat, panels):
+        tail = []
         for name, evals, steps in runs:
             recs = [r for r in (evals if kind == 'evals' else steps) if key in r]
             if recs:
                 ax.plot([r['iter'] for r in recs], [r[key] for r in recs], label=name,
                         marker='o' if kind == 'evals' and len(recs) < 30 else None, markersize=3)
+                tail += [r[key] for r in recs if r['iter'] >= 0.1 * last_iter]
+        if kind == 'evals' and tail:  # zoom to the last 90%: the loss at init would flatten the differences
+            pad = 0.05 * (max(tail) - min(tail) or 1)
+            ax.set_ylim(min(tail) - pad, max(tail) + pad)
+            title += ', last 90% of training'
         ax.set_title(title)
         ax.set_xlabel('iteration')
         ax.set_ylabel(title.split(' (')[0].split(',')[0])
@@ -76,8 +83,9 @@ def plot_curves(runs, out):
         if not ax.lines:
             ax.text(0.5, 0.5, 'no learned run', ha='center', va='center', transform=ax.transAxes)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc='lower center', ncol=min(4, len(labels)), bbox_to_anchor=(0.5, -0.04))
-    fig.tight_layout()
+    rows = -(-len(labels) // 4)
+    fig.tight_layout(rect=(0, 0.035 * rows, 1, 1))  # leave a band at the bottom for the legend
+    fig.legend(handles, labels, loc='lower center', ncol=min(4, len(labels)))
     return save(fig, out, 'curves')
 
 

@@ -9,6 +9,9 @@ Each row trains with its own seed config (config/learned_shift0.py, ..., config/
 so penalty, shift_init and dropout are exactly the seed's; only the scale is overridden below. As in the
 seed, the learned model is narrower so both have about the same parameter count, and the training set
 is small enough for many passes, the overfitting regime where a regulariser can show anything.
+The subset is re-encoded to its most frequent GPT-2 ids plus one 'other' id: with all 50257 ids a
+model this small is mostly embedding table (the LM head would be ~95% of its compute, not the seed's
+~half) and learns to memorise rare tokens rather than language.
 Finished runs' metrics go to results/repro/<run>/ (tracked in git), the table to results/repro/results.md
 and .csv, the charts to results/repro/*.png.
 """
@@ -37,46 +40,63 @@ SEED_RESULTS = {'learned_shift0': (2.937, 3.384, 0.6167), 'learned_no_penalty': 
 # -----------------------------------------------------------------------------
 rows = ','.join(ROWS)  # which rows to run
 seeds = '1337,1338,1339'  # one run per seed and row
-max_iters = 500  # optimizer steps per run
-train_tokens = 30000  # size of the training subset: about 17 passes in max_iters steps
+max_iters = 1000  # optimizer steps per run: 2.05M tokens, about 20 passes over the training subset
+train_tokens = 100000  # size of the training subset (cut after a whole document)
+vocab_size = 8192  # > 0: keep the vocab_size - 1 most frequent GPT-2 ids of the subset, the rest become one id
 data_dir = 'data'  # wiki_sample is prepared here if missing; the subset goes to data_dir/wiki_repro
 out_root = 'out/repro'  # run folders (checkpoints)
 results_dir = 'results/repro'  # finished runs' metrics, the table and the charts (commit these)
 report_only = False  # skip training, rebuild the table and charts
-# the scale: the seed's 26 x 144 (learned) / 26 x 156 (baseline) at context 200 becomes
-learned_shape = 'n_layer=4,n_embd=48,n_head=4'
-baseline_shape = 'n_layer=4,n_embd=50,n_head=5'
-train_args = ('block_size=128,batch_size=8,gradient_accumulation_steps=1,learning_rate=2e-3,min_lr=2e-4,'
+# the scale: the seed's 26 layers x 144 (9 heads of 16) learned / x 156 (12 heads of 13) baseline
+# at context 200 becomes 6 layers x 96 (6 heads of 16) / x 104 (8 heads of 13) at context 128
+learned_shape = 'n_layer=6,n_embd=96,n_head=6'
+baseline_shape = 'n_layer=6,n_embd=104,n_head=8'
+train_args = ('block_size=128,batch_size=16,gradient_accumulation_steps=1,learning_rate=2e-3,min_lr=2e-4,'
               'warmup_iters=30,eval_interval=100,eval_iters=20,log_interval=10')
 # -----------------------------------------------------------------------------
 
 
 def prepare_subset():
     """data_dir/wiki_repro: the first train_tokens tokens of wiki_sample's train split (cut after a
-    whole document) and its whole val split."""
+    whole document) and its whole val split. With vocab_size > 0, both are re-encoded to the
+    vocab_size - 1 most frequent GPT-2 ids of the training subset (new id = frequency rank) plus
+    one id for every other token; gpt2_ids.npy maps the new ids back."""
     src = os.path.join(data_dir, 'wiki_sample')
     dst = os.path.join(data_dir, 'wiki_repro')
     if not os.path.exists(os.path.join(src, 'meta.json')):
         import prepare_wiki
         prepare_wiki.main(['--source=sample', f'--data_dir={data_dir}'])
     meta_path = os.path.join(dst, 'meta.json')
-    if os.path.exists(meta_path) and json.load(open(meta_path)).get('subset_of_train_tokens') == train_tokens:
+    recipe = {'train_tokens': train_tokens, 'vocab_size': vocab_size}
+    if os.path.exists(meta_path) and json.load(open(meta_path)).get('subset') == recipe:
         return
     with open(os.path.join(src, 'meta.json')) as f:
         meta = json.load(f)
     train = np.memmap(os.path.join(src, 'train.bin'), dtype=np.uint16, mode='r')
+    val = np.memmap(os.path.join(src, 'val.bin'), dtype=np.uint16, mode='r')
     ends = np.flatnonzero(train[:train_tokens] == meta['eot_token'])
     if len(ends) == 0:
         sys.exit(f"reproduce.py: error: train_tokens={train_tokens} holds no whole document; raise it")
+    train = np.asarray(train[:ends[-1] + 1])
+    val = np.asarray(val)
+    meta.update(train_tokens=len(train), train_docs=len(ends), subset=recipe,
+                source_detail=f"first {len(ends)} documents of wiki_sample's train split")
     os.makedirs(dst, exist_ok=True)
     if os.path.exists(meta_path):
         os.remove(meta_path)
-    for name, arr in (('train.bin', train[:ends[-1] + 1]),
-                      ('val.bin', np.memmap(os.path.join(src, 'val.bin'), dtype=np.uint16, mode='r'))):
-        np.asarray(arr).tofile(os.path.join(dst, name + '.tmp'))
+    if vocab_size:
+        counts = np.bincount(train, minlength=meta['vocab_size'])
+        gpt2_ids = np.argsort(-counts, kind='stable')[:vocab_size - 1]  # most frequent first
+        new_id = np.full(meta['vocab_size'], vocab_size - 1, dtype=np.uint16)  # the 'other' id
+        new_id[gpt2_ids] = np.arange(vocab_size - 1)
+        train, val = new_id[train], new_id[val]
+        np.save(os.path.join(dst, 'gpt2_ids.npy'), gpt2_ids)
+        meta.update(vocab_size=vocab_size, eot_token=int(new_id[meta['eot_token']]),
+                    tokenizer=meta['tokenizer'] + f'; re-encoded to the {vocab_size - 1} most frequent ids of '
+                    f'the training subset + 1 other ({(train < vocab_size - 1).mean():.1%} of training tokens kept)')
+    for name, arr in (('train.bin', train), ('val.bin', val)):
+        arr.astype(np.uint16).tofile(os.path.join(dst, name + '.tmp'))
         os.replace(os.path.join(dst, name + '.tmp'), os.path.join(dst, name))
-    meta.update(train_tokens=int(ends[-1] + 1), train_docs=len(ends), subset_of_train_tokens=train_tokens,
-                source_detail=f"first {len(ends)} documents of wiki_sample's train split")
     with open(meta_path + '.tmp', 'w') as f:
         json.dump(meta, f, indent=1)
     os.replace(meta_path + '.tmp', meta_path)
@@ -123,39 +143,46 @@ def summarize(row, seed_list):
         if final is None:
             continue
         with open(os.path.join(results_dir, run, 'metrics.jsonl')) as f:
-            steps = [r for r in map(json.loads, f) if 'loss' in r]
+            recs = [json.loads(line) for line in f if line.strip()]
+        steps = [r for r in recs if 'loss' in r]
         with open(os.path.join(results_dir, run, 'config.json')) as f:
             conf = json.load(f)
         last = steps[-max(1, len(steps) // 10):]  # the last 10% of logged steps
-        out.append({'train': final['train/loss'], 'val': final['val/loss'],
+        out.append({'seed': seed, 'train': final['train/loss'], 'val': final['val/loss'],
+                    'best_val': min(r['val/loss'] for r in recs if 'val/loss' in r),
                     'keep': statistics.mean(r['keep'] for r in last) if 'keep' in steps[-1] else None,
                     'val_keep': final.get('val/keep'), 'params': conf['num_params'],
                     'ms': statistics.median(r['ms_per_iter'] for r in steps[1:] or steps)})
     return out
 
 
-def mean_std(values, digits=3):
+def mean_std(values, digits=3, signed=False):
     values = [v for v in values if v is not None]
     if not values:
         return '-'
-    if len(values) == 1:
-        return f'{values[0]:.{digits}f}'
-    return f'{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}'
+    mean = f'{statistics.mean(values):{"+" if signed else ""}.{digits}f}'
+    return mean if len(values) == 1 else f'{mean} ± {statistics.stdev(values):.{digits}f}'
 
 
 def report(seed_list):
-    header = ['run', 'seeds', 'params', 'train CE', 'val CE', 'keep (train)', 'keep (val, eval)', 'ms/step',
-              'seed train', 'seed val', 'seed keep']
+    header = ['run', 'seeds', 'params', 'train CE', 'val CE', 'best val CE', 'Δ val vs baseline', 'Δ best val',
+              'keep (train)', 'keep (val, eval)', 'ms/step', 'seed train', 'seed val', 'seed keep']
     table, csv_rows = [], []
+    baseline = {r['seed']: r for r in summarize('baseline', seed_list)}
     for row in ROWS:
         runs = summarize(row, seed_list)
         st, sv, sk = SEED_RESULTS[row]
         if not runs:
             continue
+        # paired by seed: runs of one seed share the data order's luck (e.g. when they leave the
+        # early plateau), which the spread across seeds mixes in
+        paired = [(r, baseline[r['seed']]) for r in runs if r['seed'] in baseline and row != 'baseline']
         table.append([row, str(len(runs)), f"{runs[0]['params']:,}", mean_std([r['train'] for r in runs]),
-                      mean_std([r['val'] for r in runs]), mean_std([r['keep'] for r in runs], 4),
-                      mean_std([r['val_keep'] for r in runs], 4), f"{statistics.median(r['ms'] for r in runs):.0f}",
-                      f'{st}', f'{sv}', f'{sk}' if sk else '-'])
+                      mean_std([r['val'] for r in runs]), mean_std([r['best_val'] for r in runs]),
+                      mean_std([r['val'] - b['val'] for r, b in paired], signed=True),
+                      mean_std([r['best_val'] - b['best_val'] for r, b in paired], signed=True),
+                      mean_std([r['keep'] for r in runs], 4), mean_std([r['val_keep'] for r in runs], 4),
+                      f"{statistics.median(r['ms'] for r in runs):.0f}", f'{st}', f'{sv}', f'{sk}' if sk else '-'])
         for r in runs:
             csv_rows.append({'row': row, **r})
     os.makedirs(results_dir, exist_ok=True)
@@ -163,7 +190,7 @@ def report(seed_list):
     with open(os.path.join(results_dir, 'results.md'), 'w') as f:
         f.write('\n'.join(md) + '\n')
     with open(os.path.join(results_dir, 'results.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=['row', 'train', 'val', 'keep', 'val_keep', 'params', 'ms'])
+        w = csv.DictWriter(f, fieldnames=['row', 'seed', 'train', 'val', 'best_val', 'keep', 'val_keep', 'params', 'ms'])
         w.writeheader()
         w.writerows(csv_rows)
     print('\n'.join(md))
@@ -176,7 +203,7 @@ def report(seed_list):
 def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
-            'rows', 'seeds', 'max_iters', 'train_tokens', 'data_dir', 'out_root', 'results_dir', 'report_only',
+            'rows', 'seeds', 'max_iters', 'train_tokens', 'vocab_size', 'data_dir', 'out_root', 'results_dir', 'report_only',
             'learned_shape', 'baseline_shape', 'train_args')}, sys.argv[1:]))
     except ConfigError as e:
         sys.exit(f"reproduce.py: error: {e}")

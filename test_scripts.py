@@ -6,6 +6,7 @@ import runpy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,12 +144,13 @@ def test_bench_smoke():
     assert 'speed-up' in r.stdout
     summary = lines[-1]
     assert summary.startswith('summary: learned/baseline step time quick/eager ')
-    assert 'FLOP ratio quick' in summary and 'KV-cache generation speed-up prompt 1' in summary
+    assert 'FLOP ratio quick' in summary and 'KV-cache generation speed-up quick prompt 1' in summary
 
 
 def test_reproduce_smoke(data_dir, tmp_path):
     args = [sys.executable, os.path.join(HERE, 'reproduce.py'), '--rows=learned_shift0,baseline', '--seeds=1,2',
-            '--max_iters=2', '--train_tokens=3000', f'--data_dir={data_dir}', f'--out_root={tmp_path / "out"}',
+            '--max_iters=2', '--train_tokens=3000', '--vocab_size=300', f'--data_dir={data_dir}',
+            f'--out_root={tmp_path / "out"}',
             f'--results_dir={tmp_path / "res"}', '--learned_shape=n_layer=1,n_embd=16,n_head=2',
             '--baseline_shape=n_layer=1,n_embd=16,n_head=2',
             '--train_args=block_size=16,batch_size=2,eval_interval=1,eval_iters=1,log_interval=1,warmup_iters=1']
@@ -159,9 +161,20 @@ def test_reproduce_smoke(data_dir, tmp_path):
     assert table[2].startswith('| learned_shift0 | 2 |') and table[3].startswith('| baseline | 2 |')
     assert '±' in table[2]  # mean and standard deviation over the seeds
     csv_lines = (tmp_path / 'res' / 'results.csv').read_text().splitlines()
-    assert len(csv_lines) == 5 and csv_lines[0].startswith('row,train,val,keep')
+    assert len(csv_lines) == 5 and csv_lines[0].startswith('row,seed,train,val,best_val,keep')
     assert nonempty_image(tmp_path / 'res' / 'curves.png')
-    meta = json.load(open(os.path.join(data_dir, 'wiki_repro', 'meta.json')))
-    assert meta['train_tokens'] <= 3000
+    # the subset, re-encoded: ids < 300, the 299 kept ids map back to the source tokens, the rest is id 299
+    repro = os.path.join(data_dir, 'wiki_repro')
+    meta = json.load(open(os.path.join(repro, 'meta.json')))
+    assert meta['train_tokens'] <= 3000 and meta['vocab_size'] == 300
+    sub = np.fromfile(os.path.join(repro, 'train.bin'), dtype=np.uint16)
+    src = np.fromfile(os.path.join(data_dir, 'wiki_sample', 'train.bin'), dtype=np.uint16)[:len(sub)]
+    gpt2_ids = np.load(os.path.join(repro, 'gpt2_ids.npy'))
+    kept = sub < 299
+    assert sub.max() == 299 and 0.5 < kept.mean() < 1
+    assert np.array_equal(gpt2_ids[sub[kept]], src[kept]) and not np.isin(src[~kept], gpt2_ids).any()
+    assert sub[-1] == meta['eot_token'] and src[-1] == 50256
+    config = json.load(open(tmp_path / 'res' / 'learned_shift0_s1' / 'config.json'))
+    assert config['vocab_size'] == 300
     r = subprocess.run(args, capture_output=True, text=True, timeout=240)  # resumable: nothing left to run
     assert r.returncode == 0 and ': done in' not in r.stdout

@@ -306,7 +306,7 @@ if master_process:
         elif init_from == 'scratch' and os.path.exists(metrics_path):
             os.remove(metrics_path)
         with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-            json.dump(dict(config, dtype=dtype, device=device, world_size=ddp_world_size,
+            json.dump(dict(config, vocab_size=vocab_size, dtype=dtype, device=device, world_size=ddp_world_size,
                            tokens_per_iter=tokens_per_iter, num_params=raw_model.get_num_params()), f, indent=1)
     except OSError as e:
         fail(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
