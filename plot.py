@@ -115,21 +115,24 @@ def token_layer_keep(out_dir, text, checkpoint):
     """(token strings, (layers, tokens) keep fraction of the deterministic masks) for text."""
     import torch
     from runtime import CheckpointError, load_model
-    from tokenizer import get_gpt2
+    from tokenizer import TokenizerError, get_codec
     try:
         model, ckpt = load_model(os.path.join(out_dir, checkpoint))
     except CheckpointError as e:
         raise PlotError(str(e))
     if ckpt['model_type'] != 'learned':
         raise PlotError(f"{out_dir} is a {ckpt['model_type']} run: mask charts need a learned model")
-    enc = get_gpt2()
-    ids = enc.encode(text, allowed_special={'<|endoftext|>'})[:model.config.block_size]
+    try:
+        encode, decode = get_codec(model.config.vocab_size, ckpt.get('gpt2_ids'))
+    except TokenizerError as e:
+        raise PlotError(str(e))
+    ids = encode(text)[:model.config.block_size]
     if not ids:
         raise PlotError("--mask_text is empty")
     with torch.no_grad():
         _, _, rs = model.hidden(torch.tensor([ids]))
     keep = torch.stack([r[0].mean(-1) for r in rs])  # (layers, tokens): share of kept channels
-    return [enc.decode([i]) for i in ids], keep.numpy()
+    return [decode([i]) for i in ids], keep.numpy()
 
 
 def plot_masks(name, tokens, keep, out):

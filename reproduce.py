@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from configurator import ConfigError, configure
+from tokenizer import reduced_id_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = ['learned_shift0', 'learned_no_penalty', 'learned_shift_pi2', 'learned_shift_pi',
@@ -84,13 +85,15 @@ def prepare_subset():
     os.makedirs(dst, exist_ok=True)
     if os.path.exists(meta_path):
         os.remove(meta_path)
+    ids_path = os.path.join(dst, 'gpt2_ids.npy')
+    if os.path.exists(ids_path):
+        os.remove(ids_path)
     if vocab_size:
         counts = np.bincount(train, minlength=meta['vocab_size'])
         gpt2_ids = np.argsort(-counts, kind='stable')[:vocab_size - 1]  # most frequent first
-        new_id = np.full(meta['vocab_size'], vocab_size - 1, dtype=np.uint16)  # the 'other' id
-        new_id[gpt2_ids] = np.arange(vocab_size - 1)
+        new_id = reduced_id_map(gpt2_ids, meta['vocab_size'])  # the rest -> vocab_size - 1, the 'other' id
         train, val = new_id[train], new_id[val]
-        np.save(os.path.join(dst, 'gpt2_ids.npy'), gpt2_ids)
+        np.save(ids_path, gpt2_ids)
         meta.update(vocab_size=vocab_size, eot_token=int(new_id[meta['eot_token']]),
                     tokenizer=meta['tokenizer'] + f'; re-encoded to the {vocab_size - 1} most frequent ids of '
                     f'the training subset + 1 other ({(train < vocab_size - 1).mean():.1%} of training tokens kept)')
@@ -211,6 +214,8 @@ def main():
     unknown = [r for r in row_list if r not in ROWS]
     if unknown:
         sys.exit(f"reproduce.py: error: unknown row {unknown[0]!r}; rows are {', '.join(ROWS)}")
+    if vocab_size and not 2 <= vocab_size <= 50257:
+        sys.exit(f"reproduce.py: error: vocab_size must be 0 (GPT-2's 50257 ids) or 2..50257, got {vocab_size}")
     seed_list = [int(s) for s in str(seeds).split(',')]
     if not report_only:
         prepare_subset()

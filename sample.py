@@ -13,7 +13,7 @@ import torch
 
 from configurator import ConfigError, configure
 from runtime import CheckpointError, autocast, load_model, pick_device, pick_dtype, setup_device
-from tokenizer import TokenizerError, get_gpt2
+from tokenizer import TokenizerError, get_codec
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run folder train.py wrote
@@ -51,7 +51,7 @@ setup_device(device_type)
 ctx = autocast(pick_dtype(dtype, device_type), device_type)
 try:
     model, ckpt = load_model(os.path.join(out_dir, checkpoint), device)
-    enc = get_gpt2()
+    encode, decode = get_codec(model.config.vocab_size, ckpt.get('gpt2_ids'))
 except (CheckpointError, TokenizerError) as e:
     fail(str(e))
 if ckpt['model_type'] == 'learned':
@@ -67,7 +67,7 @@ if start.startswith('FILE:'):
             start = f.read()
     except OSError as e:
         fail(f"cannot read the prompt file {start[5:]}: {e.strerror}")
-start_ids = enc.encode(start, allowed_special={'<|endoftext|>'})
+start_ids = encode(start)
 if not start_ids:
     fail("the prompt is empty; give some text or <|endoftext|>", code=2)
 block_size = model.config.block_size
@@ -83,7 +83,7 @@ t0 = time.time()
 with torch.no_grad(), ctx:
     for k in range(num_samples):
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
-        print(enc.decode(y[0].tolist()))
+        print(decode(y[0].tolist()))
         print('---------------')
 if device_type == 'cuda':
     torch.cuda.synchronize()

@@ -57,6 +57,20 @@ def test_ranks_hash_is_checked(tmp_path):
         tokenizer.load_ranks(str(tmp_path / 'truncated.gz'))
 
 
+def test_codec_for_gpt2_and_reduced_vocabularies():
+    encode, decode = tokenizer.get_codec(50257)
+    assert encode('Hello world<|endoftext|>') == [15496, 995, 50256] and decode([15496, 995]) == 'Hello world'
+    # a reduced vocabulary: ids 0..3 are these GPT-2 ids, id 4 is every other token
+    encode, decode = tokenizer.get_codec(5, np.array([464, 286, 262, EOT]))  # 'The', ' of', ' the', eot
+    assert encode('The cat of the<|endoftext|>') == [0, 4, 1, 2, 3]
+    assert decode([0, 4, 1, 2, 3, 4]) == 'The\ufffd of the<|endoftext|>\ufffd'
+    assert list(tokenizer.reduced_id_map([464, 286], 50257)[[464, 286, 0, 50256]]) == [0, 1, 2, 2]
+    with pytest.raises(tokenizer.TokenizerError, match='not GPT-2'):
+        tokenizer.get_codec(300)
+    with pytest.raises(tokenizer.TokenizerError, match='covers 5 ids'):
+        tokenizer.get_codec(300, [464, 286, 262, EOT])
+
+
 # ---------------------------------------------------------------------------- the embedded sample
 
 @pytest.fixture(scope='module')

@@ -176,5 +176,13 @@ def test_reproduce_smoke(data_dir, tmp_path):
     assert sub[-1] == meta['eot_token'] and src[-1] == 50256
     config = json.load(open(tmp_path / 'res' / 'learned_shift0_s1' / 'config.json'))
     assert config['vocab_size'] == 300
+    # the checkpoint carries the id map, so sample.py encodes the prompt and decodes GPT-2 text
+    ckpt = torch.load(tmp_path / 'out' / 'learned_shift0_s1' / 'ckpt.pt', weights_only=True)
+    assert torch.equal(ckpt['gpt2_ids'], torch.from_numpy(gpt2_ids.astype(np.int64)))
+    s = subprocess.run([sys.executable, os.path.join(HERE, 'sample.py'), f'--out_dir={tmp_path / "out" / "learned_shift0_s1"}',
+                        '--start=<|endoftext|>The', '--num_samples=1', '--max_new_tokens=8'],
+                       capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0, s.stderr
+    assert s.stdout.startswith('<|endoftext|>The') and 'tokens/s' in s.stdout
     r = subprocess.run(args, capture_output=True, text=True, timeout=240)  # resumable: nothing left to run
     assert r.returncode == 0 and ': done in' not in r.stdout

@@ -45,3 +45,46 @@ def get_gpt2():
     import tiktoken
     return tiktoken.Encoding(name='gpt2', pat_str=PAT_STR, mergeable_ranks=load_ranks(),
                              special_tokens={'<|endoftext|>': EOT}, explicit_n_vocab=50257)
+
+
+def reduced_id_map(gpt2_ids, n_vocab=50257):
+    """(n_vocab,) table GPT-2 id -> reduced id: gpt2_ids[i] -> i, every other id -> len(gpt2_ids).
+    reproduce.py re-encodes its data this way; the table turns GPT-2 ids into the model's."""
+    import numpy as np
+    table = np.full(n_vocab, len(gpt2_ids), dtype=np.int64)
+    table[np.asarray(gpt2_ids, dtype=np.int64)] = np.arange(len(gpt2_ids))
+    return table
+
+
+def get_codec(vocab_size, gpt2_ids=None):
+    """(encode, decode) between text and a model's token ids. The model's vocabulary is GPT-2's, or,
+    with gpt2_ids (a model trained on reproduce.py's re-encoded data), id i is GPT-2 id gpt2_ids[i]
+    and id len(gpt2_ids) stands for every other token; it decodes as U+FFFD."""
+    enc = get_gpt2()
+    special = {'<|endoftext|>'}
+    if gpt2_ids is None:
+        if vocab_size != enc.n_vocab:
+            raise TokenizerError(f"the model's vocabulary has {vocab_size} ids, not GPT-2's {enc.n_vocab}, and its "
+                                 f"checkpoint carries no id map (gpt2_ids) to translate them; retrain it with this train.py, which "
+                                 f"stores the map of re-encoded data (reproduce.py's)")
+        return (lambda text: enc.encode(text, allowed_special=special)), enc.decode
+    gpt2_ids = [int(i) for i in gpt2_ids]
+    other = len(gpt2_ids)
+    if vocab_size != other + 1:
+        raise TokenizerError(f"the checkpoint's id map covers {other + 1} ids but the model has {vocab_size}")
+    table = reduced_id_map(gpt2_ids, enc.n_vocab)
+
+    def encode(text):
+        return table[enc.encode(text, allowed_special=special)].tolist()
+
+    def decode(ids):
+        parts, run = [], []
+        for i in ids:
+            if i == other:
+                parts.append(enc.decode(run))
+                run = []
+            else:
+                run.append(gpt2_ids[i])
+        return '\N{REPLACEMENT CHARACTER}'.join(parts + [enc.decode(run)])
+
+    return encode, decode

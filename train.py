@@ -142,6 +142,10 @@ if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'va
 with open(os.path.join(data_path, 'meta.json')) as f:
     meta = json.load(f)
 vocab_size = meta['vocab_size']
+# data re-encoded to a reduced vocabulary (reproduce.py) maps its ids back to GPT-2's here; the map
+# goes into every checkpoint so sample.py and plot.py can encode and decode text for the model
+ids_path = os.path.join(data_path, 'gpt2_ids.npy')
+gpt2_ids = torch.from_numpy(np.load(ids_path).astype(np.int64)) if os.path.exists(ids_path) else None
 for split in ('train', 'val'):
     n_tokens = os.path.getsize(os.path.join(data_path, f'{split}.bin')) // 2
     if n_tokens != meta[f'{split}_tokens']:
@@ -240,7 +244,7 @@ def save_checkpoint(path, with_optimizer=True):
         return
     ckpt = {'model': raw_model.state_dict(), 'model_type': model_type, 'model_args': model_args,
             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'evaluated_at': evaluated_at,
-            'config': config, 'rng': states}
+            'config': config, 'rng': states, 'gpt2_ids': gpt2_ids}
     if with_optimizer:
         ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     torch.save(ckpt, path + '.tmp')
