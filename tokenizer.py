@@ -9,6 +9,8 @@ import hashlib
 import os
 from functools import lru_cache
 
+import numpy as np
+
 RANKS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'gpt2.tiktoken.gz')
 RANKS_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
 EOT = 50256  # <|endoftext|>
@@ -50,7 +52,6 @@ def get_gpt2():
 def reduced_id_map(gpt2_ids, n_vocab=50257):
     """(n_vocab,) table GPT-2 id -> reduced id: gpt2_ids[i] -> i, every other id -> len(gpt2_ids).
     reproduce.py re-encodes its data this way; the table turns GPT-2 ids into the model's."""
-    import numpy as np
     table = np.full(n_vocab, len(gpt2_ids), dtype=np.int64)
     table[np.asarray(gpt2_ids, dtype=np.int64)] = np.arange(len(gpt2_ids))
     return table
@@ -65,10 +66,10 @@ def get_codec(vocab_size, gpt2_ids=None):
     if gpt2_ids is None:
         if vocab_size != enc.n_vocab:
             raise TokenizerError(f"the model's vocabulary has {vocab_size} ids, not GPT-2's {enc.n_vocab}, and its "
-                                 f"checkpoint carries no id map (gpt2_ids) to translate them; retrain it with this train.py, which "
-                                 f"stores the map of re-encoded data (reproduce.py's)")
+                                 f"checkpoint carries no id map (gpt2_ids) to translate them; retrain it with "
+                                 f"this train.py, which stores the map of re-encoded data (reproduce.py's)")
         return (lambda text: enc.encode(text, allowed_special=special)), enc.decode
-    gpt2_ids = [int(i) for i in gpt2_ids]
+    gpt2_ids = np.asarray(gpt2_ids).tolist()
     other = len(gpt2_ids)
     if vocab_size != other + 1:
         raise TokenizerError(f"the checkpoint's id map covers {other + 1} ids but the model has {vocab_size}")
