@@ -35,12 +35,17 @@ class GPTConfig(BaselineConfig):
         n = self.dropout_n_head or self.n_head
         if self.n_embd % n:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by dropout_n_head ({n})")
+        if self.dropout_n_head is not None and self.dropout_n_head < 1:
+            raise ValueError(f"dropout_n_head must be >= 1 or None (= n_head), got {self.dropout_n_head}")
         if self.penalty_coeff < 0:
             raise ValueError(f"penalty_coeff must be >= 0, got {self.penalty_coeff}")
+        if self.dropout != 0:
+            raise ValueError(f"dropout must be 0 in the learned model (its masks replace standard dropout), got "
+                             f"{self.dropout}; for standard dropout use model_type='baseline'")
 
 
 class LearnedDropout(nn.Module):
-    """Input-dependent binary mask: x -> (x * R, M).
+    """Input-dependent binary mask: x -> (x * R, M, R).
 
     M = 0.5 * cos(z + shift) + 0.5 with z the causal self-attention of x (no output
     projection, residual or norm). R is 1 with probability M in training and [M >= 0.5]
@@ -55,21 +60,18 @@ class LearnedDropout(nn.Module):
         # the write-up's "temperature" remark: sample masks at inference too (off by default)
         self.stochastic_inference = False
 
-    def masks(self, x, kv_cache=None):
-        """The unrounded mask M and the rounded mask R, both shaped like x."""
+    def forward(self, x, kv_cache=None):
         z = attend(self.c_attn, x, self.n_head, kv_cache)  # (B, T, C)
         m = 0.5 * torch.cos(z + self.shift) + 0.5
         if self.training or self.stochastic_inference:
-            hard = (torch.rand_like(m) <= m).to(m.dtype)
+            # float32 noise: in a bf16 model, bf16 noise is so coarse that M = 0 keeps ~0.2% of channels
+            noise = torch.rand(m.shape, device=m.device, dtype=torch.float32)
+            hard = (noise <= m.float()).to(m.dtype)
             # forward value: hard + 0 exactly (m - m is 0 in every dtype); gradient: dR/dM = 1
             r = hard + (m - m.detach())
         else:
             r = (m >= 0.5).to(m.dtype)
-        return m, r
-
-    def forward(self, x, kv_cache=None):
-        m, r = self.masks(x, kv_cache)
-        return x * r, m
+        return x * r, m, r
 
 
 class LearnedBlock(Block):
@@ -83,8 +85,8 @@ class LearnedBlock(Block):
         """Returns the new residual stream and this layer's (M, R)."""
         x = x + self.attn(self.ln_1(x), kv_cache)
         f = self.mlp(self.ln_2(x))
-        m, r = self.learned_dropout.masks(f, kv_cache)  # the mask is computed from f itself
-        return x + f * r, m, r
+        f, m, r = self.learned_dropout(f, kv_cache)  # the mask is computed from f itself
+        return x + f, m, r
 
 
 # the per-layer statistics of SPEC section 4, in the order of GPT.mask_stats' rows
@@ -106,13 +108,13 @@ class GPT(BaselineGPT):
             block.learned_dropout.stochastic_inference = mode == 'stochastic'
 
     @staticmethod
-    def mask_stats(ms, rs):
+    def mask_stats(ms, rs, penalties):
         """(len(MASK_STATS), n_layer) tensor of per-layer statistics, from each layer's
-        M and R. Detached: no gradient, no host sync."""
+        M, R and mean(M^2/2). Detached: no gradient, no host sync."""
         rows = []
-        for m, r in zip(ms, rs):
+        for m, r, p in zip(ms, rs, penalties):
             m, r = m.detach().float(), r.detach().float()
-            rows.append(torch.stack([r.mean(), (m * m).mean() / 2, m.mean(),
+            rows.append(torch.stack([r.mean(), p.detach(), m.mean(),
                                      (m > 0.9).float().mean(), (m < 0.1).float().mean()]))
         return torch.stack(rows, dim=1)
 
@@ -134,12 +136,14 @@ class GPT(BaselineGPT):
         x, ms, rs = self.hidden(idx, kv_cache)
         logits, loss = self.head(x, targets)
         ce = loss
-        if loss is not None and self.training and self.config.penalty_coeff > 0:
-            penalty = torch.stack([(m.float() * m.float()).mean() / 2 for m in ms]).mean()
-            loss = loss + self.config.penalty_coeff * penalty
+        with_penalty = loss is not None and self.training and self.config.penalty_coeff > 0
+        if with_penalty or return_stats:
+            penalties = [(m.float() * m.float()).mean() / 2 for m in ms]  # mean(M^2/2) per layer
+        if with_penalty:
+            loss = loss + self.config.penalty_coeff * torch.stack(penalties).mean()
         if not return_stats:
             return logits, loss
-        stats = dict(zip(MASK_STATS, self.mask_stats(ms, rs).unbind(0)))
+        stats = dict(zip(MASK_STATS, self.mask_stats(ms, rs, penalties).unbind(0)))
         if ce is not None:
             stats['ce'] = ce.detach()
         return logits, loss, stats
