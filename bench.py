@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 device = 'auto'  # 'auto' = cuda > mps > cpu
 dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU (the training default)
-shapes = 'seed,quick'  # seed: SPEC's 26-layer models; quick: config/quick_*.py
+shapes = 'seed,quick'  # seed: the 26-layer models of METHOD.md section 6; quick: config/quick_*.py
 modes = 'eager,compiled'  # eager and/or torch.compile
 batch_size = 0  # micro-batch; 0: 50 (the seed's) on CUDA, 8 on CPU
 steps = 4  # timed steps per model per round

@@ -1,17 +1,22 @@
 """
 nanoGPT-style configuration: defaults are a script's module globals; the command line names
 config files (Python, exec'd in order) and --key=value overrides (ast.literal_eval, falling
-back to the raw string). Used by train.py and sample.py:
+back to the raw string). Used by train.py, sample.py, bench.py and reproduce.py:
 
     python train.py config/learned_shift0.py --batch_size=32 --compile=True
 
 Unlike nanoGPT's exec'd configurator, mistakes come back as one ConfigError line: unknown
-key (with the closest known one), wrong type, malformed argument, missing config file.
+key (with the closest known one), wrong type, a value outside its rule, malformed argument,
+missing config file. `--help` prints the options with their defaults and the comments written
+beside them in the script, so the help text is never written twice.
 """
 
 import ast
 import difflib
+import math
 import os
+import re
+import sys
 import types
 
 
@@ -21,9 +26,9 @@ class ConfigError(ValueError):
 
 def check_value(key, value, default, source):
     """The value to store for key, or ConfigError if its type does not fit the default's.
-    An int may stand for a float; a None default accepts anything, and so does a value of None
-    for a setting whose default is a string (e.g. a run name)."""
-    if default is None or value is None and isinstance(default, str):
+    An int may stand for a float; a None default accepts anything (its rule checks it), and None
+    is accepted for any key (rules decide whether None is allowed, see check_rules)."""
+    if default is None or value is None:
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -39,8 +44,78 @@ def unknown_key(key, known, source):
     return ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
 
-def configure(config, argv):
-    """Apply argv (config files and --key=value) to the dict of defaults `config`, in place."""
+def check_rules(config, rules, defaults):
+    """Every rule is a Python expression in x (the value), e.g. 'x >= 1' or "x in ('a', 'b')",
+    or a pair (expression, what it means in words). A value of None is only valid where the
+    default is None or the rule mentions None."""
+    for key, value in config.items():
+        rule = rules.get(key)
+        words = None
+        if isinstance(rule, tuple):
+            rule, words = rule
+        if value is None:
+            if defaults.get(key) is None or rule is None and isinstance(defaults.get(key), str) or rule and 'None' in rule:
+                continue
+            raise ConfigError(f"{key} cannot be None (default {defaults[key]!r})")
+        if rule is None:
+            continue
+        try:
+            ok = eval(rule, {'math': math}, {'x': value})
+        except TypeError:
+            ok = False
+        if not ok:
+            if words is None:  # 'x >= 1' reads "must be >= 1"; '0 <= x < 1' reads "must satisfy 0 <= key < 1"
+                words = 'be ' + rule[2:] if rule.startswith('x ') else 'satisfy ' + re.sub(r'\bx\b', key, rule)
+            else:
+                words = 'be ' + words
+            raise ConfigError(f"{key}={value!r} is not valid: {key} must {words}")
+
+
+def option_comments(script):
+    """{name: comment} from the `name = value  # comment` lines of a script, and the section
+    headings (comment-only lines) in order, as [('# heading', None) | (name, comment)]."""
+    entries = []
+    with open(script) as f:
+        for line in f:
+            m = re.match(r'^(\w+)\s*=\s*.*?(?:#\s*(.*))?$', line.rstrip())
+            if m and not line.startswith(' '):
+                entries.append((m.group(1), (m.group(2) or '').strip()))
+            elif line.startswith('# ') and not line.startswith('# ---'):
+                entries.append((line[2:].strip(), None))
+    return entries
+
+
+def print_help(config, script, doc):
+    """The script's docstring (its usage lines), then every option: default and comment."""
+    name = os.path.basename(script)
+    print((doc or '').strip())
+    print(f"\nusage: python {name} [CONFIG_FILE ...] [--key=value ...]   (config files are Python, run in order;"
+          f"\n       --key=value overrides come after them; values are Python literals or plain text)\n")
+    print("options (default, then what it does):")
+    width = max(len(k) for k in config)
+    pending = None
+    for key, comment in option_comments(script):
+        if comment is None:
+            pending = key  # a heading: printed only if an option follows it
+            continue
+        if key not in config:
+            continue
+        if pending:
+            print(f"  [{pending}]")
+            pending = None
+        print(f"    --{key:<{width}} = {config[key]!r:<14} {comment}".rstrip())
+
+
+def configure(config, argv, script=None, doc=None, rules=None):
+    """Apply argv (config files and --key=value) to the dict of defaults `config`, in place, then
+    check the rules. With -h or --help in argv, print the help derived from `script` and exit 0."""
+    if script is not None and any(a in ('-h', '--help') for a in argv):
+        try:
+            print_help(config, script, doc)
+        except BrokenPipeError:  # e.g. piped into head
+            pass
+        sys.exit(0)
+    defaults = dict(config)
     known = sorted(config)
     for arg in argv:
         if not arg.startswith('--'):
@@ -59,7 +134,7 @@ def configure(config, argv):
                     continue  # private helpers and imports (e.g. math for pi) are not settings
                 if key not in config:
                     raise unknown_key(key, known, arg)
-                config[key] = check_value(key, value, config[key], arg)
+                config[key] = check_value(key, value, defaults[key], arg)
         else:
             key, eq, raw = arg[2:].partition('=')
             if not eq or not key:
@@ -70,7 +145,8 @@ def configure(config, argv):
                 value = ast.literal_eval(raw)
             except (SyntaxError, ValueError):
                 value = raw  # a bare string such as --out_dir=out/run1
-            if isinstance(config[key], str) and value is not None:
+            if isinstance(defaults[key], str) and value is not None:
                 value = raw  # a string setting keeps the text as typed: --wandb_run_name=2024, --shapes=seed,quick
-            config[key] = check_value(key, value, config[key], arg)
+            config[key] = check_value(key, value, defaults[key], arg)
+    check_rules(config, rules or {}, defaults)
     return config

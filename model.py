@@ -1,6 +1,7 @@
 """
 The GPT with LearnedDropout: each block masks its MLP output with a binary mask that a
-small causal attention computes from that very output (SPEC.md sections 1-4).
+small causal attention computes from that very output (METHOD.md sections 1-4:
+the module, its placement, the objective and the logged statistics).
 
     a = h + Attn(LN1(h))
     f = MLP(LN2(a))
@@ -89,7 +90,7 @@ class LearnedBlock(Block):
         return x + f, m, r
 
 
-# the per-layer statistics of SPEC section 4, in the order of GPT.mask_stats' rows
+# the per-layer statistics of METHOD.md section 4 (Logged statistics), in the order of GPT.mask_stats' rows
 MASK_STATS = ('keep', 'penalty', 'mask_mean', 'mask_gt_0.9', 'mask_lt_0.1')
 
 

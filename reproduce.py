@@ -1,5 +1,5 @@
 """
-A reduced-scale reproduction of the seed's results table (SPEC.md section 6) on the embedded
+A reduced-scale reproduction of the seed's results table (METHOD.md section 6) on the embedded
 Wikipedia sample, every row with several seeds, on a CPU.
 
 $ python reproduce.py                      # the whole sweep (resumable: finished runs are skipped)
@@ -33,7 +33,7 @@ from tokenizer import reduced_id_map
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = ['learned_shift0', 'learned_no_penalty', 'learned_shift_pi2', 'learned_shift_pi',
         'baseline', 'baseline_dropout0.2', 'baseline_dropout0.3', 'baseline_dropout0.4']
-# the seed's reported train / val cross-entropy and keep fraction (SPEC.md section 6)
+# the seed's reported train / val cross-entropy and keep fraction (METHOD.md section 6, The seed experiments)
 SEED_RESULTS = {'learned_shift0': (2.937, 3.384, 0.6167), 'learned_no_penalty': (2.911, 3.403, 0.9609),
                 'learned_shift_pi2': (2.967, 3.405, 0.5955), 'learned_shift_pi': (3.055, 3.457, 0.2507),
                 'baseline': (2.845, 3.475, None), 'baseline_dropout0.2': (3.1, 3.354, None),

@@ -1,6 +1,11 @@
-"""Device, precision and peak-FLOPs choices shared by train.py, sample.py and bench.py."""
+"""Shared machinery of the scripts: device, precision and peak-FLOPs choices; checkpoint loading;
+atomic writes, run-folder locks and metrics reading."""
 
 import ctypes
+import errno
+import json
+import os
+import shutil
 import sys
 from contextlib import nullcontext
 
@@ -10,11 +15,27 @@ PTDTYPE = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bf16 tensor-core peaks
 
 
+class RuntimeSetupError(Exception):
+    """A device, file or folder problem the user can fix; the message is one line."""
+
+
+def available_devices():
+    devs = ['cpu'] + [f'cuda:{i}' for i in range(torch.cuda.device_count())]
+    return devs + (['mps'] if torch.backends.mps.is_available() else [])
+
+
 def pick_device(device):
-    """'auto' -> cuda > mps > cpu; anything else is returned as given."""
-    if device != 'auto':
-        return device
-    return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    """'auto' -> cuda > mps > cpu; anything else is checked to exist here and returned as given."""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind, _, index = device.partition(':')
+    ok = (kind == 'cpu' and not index or kind == 'mps' and not index and torch.backends.mps.is_available()
+          or kind == 'cuda' and torch.cuda.is_available() and (not index or index.isdigit()
+                                                               and int(index) < torch.cuda.device_count()))
+    if not ok:
+        raise RuntimeSetupError(f"device {device!r} is not available here; available: "
+                                f"{', '.join(['auto'] + available_devices())}")
+    return device
 
 
 def pick_dtype(dtype, device_type):
@@ -57,6 +78,107 @@ def setup_device(device_type):
             libc.mallopt(M_MMAP_MAX, 0)
             libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
             libc.mallopt(M_TOP_PAD, 2 ** 29)
+
+
+# ----------------------------------------------------------------------------- files
+
+def tmp_name(path):
+    """A temporary name beside path, unique to this process: two writers never rename each other's file."""
+    return f'{path}.{os.getpid()}.tmp'
+
+
+def clean_stale_tmp(folder):
+    """Remove temporaries (NAME.PID.tmp) left in folder by processes that no longer run."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        parts = name.rsplit('.', 2)
+        if len(parts) == 3 and parts[2] == 'tmp' and parts[1].isdigit() and not pid_alive(int(parts[1])):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write(path, write, what='file'):
+    """write(tmp_path) then rename onto path, so an interrupted or failed write never clobbers a good
+    file; a failure (a full disk included) becomes one RuntimeSetupError line and leaves no temporary."""
+    tmp = tmp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        folder = os.path.dirname(os.path.abspath(path))
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+        full = getattr(e, 'errno', None) == errno.ENOSPC or shutil.disk_usage(folder).free < 2 ** 20
+        reason = 'no space left on device' if full else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        kept = f"the previous {what} is intact" if os.path.exists(path) else f"no {what} was written"
+        raise RuntimeSetupError(f"{reason} while writing {path}; {kept}") from None
+
+
+def save_json(obj, path, what='file'):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write, what)
+
+
+def save_torch(obj, path, what='checkpoint'):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), what)
+
+
+def read_jsonl(path, warn=print):
+    """The records of a JSON-lines file. A partial last line (a process killed mid-write) is skipped
+    with a warning; a bad line elsewhere is an error."""
+    with open(path) as f:
+        lines = [line for line in f.read().split('\n') if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise RuntimeSetupError(f"{path}: line {i + 1} is not valid JSON; fix or remove that line")
+            warn(f"warning: skipped the incomplete last line of {path} (a process was stopped while writing it)")
+    return records
+
+
+class RunLock:
+    """An exclusive lock on a run folder (out_dir/.lock, fcntl.flock) for the life of the process: a
+    second run into the same folder is refused. The OS releases it if the process dies."""
+
+    def __init__(self, folder):
+        import fcntl
+        self.path = os.path.join(folder, '.lock')
+        self.file = open(self.path, 'a+')
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or 'unknown'
+            self.file.close()
+            raise RuntimeSetupError(f"{folder} is in use by another run (pid {holder}); wait for it to finish, "
+                                    f"stop it, or choose another out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
 
 
 class CheckpointError(Exception):

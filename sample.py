@@ -12,7 +12,7 @@ import time
 import torch
 
 from configurator import ConfigError, configure
-from runtime import CheckpointError, autocast, load_model, pick_device, pick_dtype, setup_device
+from runtime import CheckpointError, RuntimeSetupError, autocast, load_model, pick_device, pick_dtype, setup_device
 from tokenizer import TokenizerError, get_codec
 
 # -----------------------------------------------------------------------------
@@ -24,11 +24,15 @@ max_new_tokens = 256  # tokens generated per sample
 temperature = 0.8  # 1.0 = the model's distribution, lower = more conservative
 top_k = 200  # sample only among the top_k most likely tokens (None: all)
 mask = 'deterministic'  # learned model: 'deterministic' (R = [M >= 0.5]) or 'stochastic' (R ~ Bernoulli(M))
-seed = 1337
-device = 'auto'  # 'auto' = cuda > mps > cpu
-dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, float32 elsewhere
-compile = False  # torch.compile the model (pays off for long generations only)
+seed = 1337  # seed of the sampling
+device = 'auto'  # 'auto' = cuda > mps > cpu; or e.g. 'cpu', 'cuda:1'
+dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, float32 elsewhere; or float32, bfloat16, float16
 # -----------------------------------------------------------------------------
+RULES = {'checkpoint': ('len(x) > 0', 'a file name in out_dir'), 'num_samples': 'x >= 1', 'max_new_tokens': 'x >= 1',
+         'temperature': ('x > 0', '> 0 (lower is more conservative)'),
+         'top_k': ('x is None or type(x) is int and x >= 1', 'None (all tokens) or an int >= 1'),
+         'mask': "x in ('deterministic', 'stochastic')", 'dtype': "x in ('auto', 'float32', 'bfloat16', 'float16')"}
+DOCUMENT_BREAK = '\n\n[new document]\n'  # how an <|endoftext|> in the output is shown
 
 
 def fail(message, code=1):
@@ -39,13 +43,11 @@ def fail(message, code=1):
 try:
     globals().update(configure({k: globals()[k] for k in (
         'out_dir', 'checkpoint', 'start', 'num_samples', 'max_new_tokens', 'temperature', 'top_k', 'mask',
-        'seed', 'device', 'dtype', 'compile')}, sys.argv[1:]))
-except ConfigError as e:
+        'seed', 'device', 'dtype')}, sys.argv[1:], __file__, __doc__, RULES))
+    device = pick_device(device)
+except (ConfigError, RuntimeSetupError) as e:
     fail(str(e), code=2)
-if mask not in ('deterministic', 'stochastic'):
-    fail(f"mask must be 'deterministic' or 'stochastic', got {mask!r}", code=2)
 
-device = pick_device(device)
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 setup_device(device_type)
 ctx = autocast(pick_dtype(dtype, device_type), device_type)
@@ -57,9 +59,7 @@ except (CheckpointError, TokenizerError) as e:
 if ckpt['model_type'] == 'learned':
     model.set_mask_mode(mask)
 elif mask != 'deterministic':
-    fail("mask='stochastic' needs a learned model; this checkpoint is a baseline", code=2)
-if compile:
-    model = torch.compile(model)
+    fail(f"mask='stochastic' needs a learned model; this checkpoint is a {ckpt['model_type']} model", code=2)
 
 if start.startswith('FILE:'):
     try:
@@ -67,6 +67,8 @@ if start.startswith('FILE:'):
             start = f.read()
     except OSError as e:
         fail(f"cannot read the prompt file {start[5:]}: {e.strerror}")
+    except UnicodeDecodeError:
+        fail(f"the prompt file {start[5:]} is not UTF-8 text", code=2)
 start_ids = encode(start)
 if not start_ids:
     fail("the prompt is empty; give some text or <|endoftext|>", code=2)
@@ -75,6 +77,8 @@ if len(start_ids) > block_size:
     print(f"note: the prompt has {len(start_ids)} tokens, more than block_size={block_size}; "
           f"the model sees its last {block_size} tokens", file=sys.stderr)
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+# the default prompt (a new document) is not echoed; a prompt of the user's is, followed by its continuation
+echo = start.strip() != '<|endoftext|>'
 
 torch.manual_seed(seed)
 if device_type == 'cuda':
@@ -83,8 +87,10 @@ t0 = time.time()
 with torch.no_grad(), ctx:
     for k in range(num_samples):
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
-        print(decode(y[0].tolist()))
-        print('---------------')
+        text = decode(y[0].tolist() if echo else y[0, x.size(1):].tolist())
+        print(f"==== sample {k + 1}/{num_samples} ====")
+        print(text.replace('<|endoftext|>', DOCUMENT_BREAK).strip('\n'))
+        print()
 if device_type == 'cuda':
     torch.cuda.synchronize()
 dt = time.time() - t0

@@ -22,7 +22,7 @@ def tiny(module=model, **kw):
 
 
 def reference_attention(c_attn, x, n_head):
-    """Causal multi-head attention written out with explicit matrices (SPEC 1, step 1)."""
+    """Causal multi-head attention written out with explicit matrices (METHOD.md section 1, step 1)."""
     B, T, C = x.shape
     hs = C // n_head
     q, k, v = (x @ c_attn.weight.T).split(C, dim=2)

@@ -1,6 +1,6 @@
 # LearnedDropout GPT without the penalty term: the seed's "without penalty" run.
 # The seed run's shared settings (context 200, micro-batch 50 x 16 accumulation, AdamW 9e-4,
-# 26,000 steps, ...) are train.py's defaults; see SPEC.md section 6.
+# 26,000 steps, ...) are train.py's defaults; see METHOD.md section 6 (The seed experiments).
 out_dir = 'out/learned_no_penalty'
 dataset = 'wikipedia'  # python prepare_wiki.py --max_tokens=42600000 (about the seed's 42.6M tokens)
 model_type = 'learned'

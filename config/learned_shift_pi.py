@@ -1,6 +1,6 @@
 # LearnedDropout GPT, penalty 0.1, shift_init pi (masks start near all-zero).
 # The seed run's shared settings (context 200, micro-batch 50 x 16 accumulation, AdamW 9e-4,
-# 26,000 steps, ...) are train.py's defaults; see SPEC.md section 6.
+# 26,000 steps, ...) are train.py's defaults; see METHOD.md section 6 (The seed experiments).
 import math
 
 out_dir = 'out/learned_shift_pi'
