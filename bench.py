@@ -18,7 +18,7 @@ import torch
 import baseline_model
 import model as learned_model
 from configurator import ConfigError, configure
-from runtime import autocast, peak_flops, pick_device, pick_dtype, setup_device
+from runtime import RuntimeSetupError, autocast, peak_flops, pick_device, pick_dtype, setup_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
@@ -156,14 +156,27 @@ def bench_generate(shape, dev, dt):
     return out
 
 
+RULES = {
+    'dtype': "x in ('auto', 'float32', 'bfloat16', 'float16')",
+    'shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick'}", "a comma-separated list of seed, quick"),
+    'gen_shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick'}", "a comma-separated list of seed, quick"),
+    'modes': ("len(x) > 0 and set(x.split(',')) <= {'eager', 'compiled'}", "a comma-separated list of eager, compiled"),
+    'gen_prompts': ("all(p.strip().isdigit() and int(p) >= 1 for p in x.split(','))",
+                    "a comma-separated list of prompt lengths >= 1, e.g. 1,128"),
+    'batch_size': 'x >= 0', 'steps': 'x >= 1', 'rounds': 'x >= 1', 'gen_tokens': 'x >= 1',
+    'seed_run_steps': 'x >= 1', 'seed_run_accum': 'x >= 1',
+}
+
+
 def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
             'device', 'dtype', 'shapes', 'modes', 'batch_size', 'steps', 'rounds', 'train', 'generate',
-            'gen_shapes', 'gen_tokens', 'gen_prompts', 'seed_run_steps', 'seed_run_accum')}, sys.argv[1:]))
-    except ConfigError as e:
+            'gen_shapes', 'gen_tokens', 'gen_prompts', 'seed_run_steps', 'seed_run_accum')}, sys.argv[1:],
+            __file__, __doc__, RULES))
+        dev = pick_device(device)
+    except (ConfigError, RuntimeSetupError) as e:
         sys.exit(f"bench.py: error: {e}")
-    dev = pick_device(device)
     dev_type = dev.split(':')[0]
     dt = pick_dtype(dtype, dev_type)
     setup_device(dev_type)

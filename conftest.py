@@ -1,12 +1,19 @@
-"""Shared fixtures: the embedded Wikipedia sample, prepared once per test session."""
+"""Shared fixtures: the embedded Wikipedia sample, prepared once per test session.
+
+Threads are pinned: on a 2-core machine a test process and the train.py subprocesses it starts would
+otherwise each spin one OpenMP thread per core and slow each other down many times over."""
 
 import os
 
-import pytest
-
-import prepare_wiki
-
+os.environ.setdefault('OMP_NUM_THREADS', '1')  # before torch is imported, inherited by subprocesses
 os.environ['HF_DATASETS_OFFLINE'] = '1'  # never wait on the Hub in tests
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import prepare_wiki  # noqa: E402
+
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 
 @pytest.fixture(scope='session')

@@ -14,6 +14,7 @@ Writes into --out (default: plots/):
 import argparse
 import json
 import os
+import re
 import sys
 
 import matplotlib
@@ -33,8 +34,11 @@ def load_run(out_dir):
     path = os.path.join(out_dir, 'metrics.jsonl')
     if not os.path.exists(path):
         raise PlotError(f"no metrics file {path}: is {out_dir} a run folder written by train.py?")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    from runtime import RuntimeSetupError, read_jsonl
+    try:
+        records = read_jsonl(path, warn=lambda msg: print(msg, file=sys.stderr))
+    except RuntimeSetupError as e:
+        raise PlotError(str(e))
     name = os.path.basename(os.path.normpath(out_dir))
     config_path = os.path.join(out_dir, 'config.json')
     if os.path.exists(config_path):
@@ -50,6 +54,7 @@ def unique_names(runs, out_dirs):
 
 
 def save(fig, out, stem):
+    stem = re.sub(r'[^\w.+=-]', '_', stem)  # run names may hold '/' or spaces: keep files inside out
     paths = [os.path.join(out, f'{stem}.{ext}') for ext in ('png', 'svg')]
     for p in paths:
         fig.savefig(p, dpi=120, bbox_inches='tight')
@@ -151,12 +156,16 @@ def main(argv=None):
     p.add_argument('--checkpoint', default='ckpt.pt', help='checkpoint for --mask_text: ckpt.pt or best.pt')
     args = p.parse_args(argv)
     try:
+        if args.mask_text is not None and not args.mask_text.strip():
+            raise PlotError("--mask_text is empty: give a sentence, or FILE:path")
         if args.mask_text and args.mask_text.startswith('FILE:'):
             try:
                 with open(args.mask_text[5:], encoding='utf-8') as f:
                     args.mask_text = f.read()
             except OSError as e:
                 raise PlotError(f"cannot read {args.mask_text[5:]}: {e.strerror}")
+            except UnicodeDecodeError:
+                raise PlotError(f"{args.mask_text[5:]} is not UTF-8 text")
         try:
             os.makedirs(args.out, exist_ok=True)
         except OSError as e:

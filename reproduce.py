@@ -123,7 +123,7 @@ def run_one(row, seed):
     cmd = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', f'{row}.py'),
            f'--out_dir={out_dir}', f'--data_dir={data_dir}', '--dataset=wiki_repro', f'--seed={seed}',
            f'--max_iters={max_iters}', f'--lr_decay_iters={27 * max_iters}', f'--wandb_run_name={row}',
-           '--init_from=resume' if resume else '--init_from=scratch']
+           '--compile=False', '--init_from=resume' if resume else '--init_from=scratch', '--overwrite=True']
     cmd += [f'--{kv}' for kv in f'{shape},{train_args}'.split(',')]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -203,20 +203,26 @@ def report(seed_list):
         plot.main([os.path.join(results_dir, r) for r in first] + [f'--out={results_dir}'])
 
 
+RULES = {
+    'rows': (f"len(x) > 0 and set(x.split(',')) <= set({ROWS!r})", f"a comma-separated list of {', '.join(ROWS)}"),
+    'seeds': ("all(s.strip().isdigit() for s in x.split(','))", "a comma-separated list of integers, e.g. 1337,1338"),
+    'max_iters': 'x >= 1', 'train_tokens': 'x >= 1',
+    'vocab_size': ('x == 0 or 2 <= x <= 50257', "0 (GPT-2's 50257 ids) or 2..50257"),
+}
+
+
 def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
             'rows', 'seeds', 'max_iters', 'train_tokens', 'vocab_size', 'data_dir', 'out_root', 'results_dir', 'report_only',
-            'learned_shape', 'baseline_shape', 'train_args')}, sys.argv[1:]))
+            'learned_shape', 'baseline_shape', 'train_args')}, sys.argv[1:], __file__, __doc__, RULES))
     except ConfigError as e:
         sys.exit(f"reproduce.py: error: {e}")
     row_list = rows.split(',')
-    unknown = [r for r in row_list if r not in ROWS]
-    if unknown:
-        sys.exit(f"reproduce.py: error: unknown row {unknown[0]!r}; rows are {', '.join(ROWS)}")
-    if vocab_size and not 2 <= vocab_size <= 50257:
-        sys.exit(f"reproduce.py: error: vocab_size must be 0 (GPT-2's 50257 ids) or 2..50257, got {vocab_size}")
-    seed_list = [int(s) for s in str(seeds).split(',')]
+    seed_list = [int(s) for s in seeds.split(',')]
+    if report_only and not any(finished(f'{row}_s{seed}') for row in ROWS for seed in seed_list):
+        sys.exit(f"reproduce.py: error: no finished runs in {results_dir} for seeds {seeds}; run the sweep first "
+                 f"(python reproduce.py) or point --results_dir at its results")
     if not report_only:
         prepare_subset()
         t0 = time.time()
