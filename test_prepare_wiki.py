@@ -1,8 +1,12 @@
 """prepare_wiki.py and the offline GPT-2 tokenizer (no network: HF_DATASETS_OFFLINE=1)."""
 
+import errno
 import gzip
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +19,8 @@ import tokenizer
 from tokenizer import EOT, get_gpt2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PREPARE = os.path.join(HERE, 'prepare_wiki.py')
+INTERRUPTED = "prepare_wiki.py: interrupted; nothing complete was overwritten, run again to finish"
 
 
 def prepare(*argv):
@@ -195,9 +201,16 @@ def test_offline_hf_fails_fast_naming_sample(tmp_path, offline_env):
     (['--source=files', '--files', 'empty.txt'], 'empty input'),
     (['--source=files', '--files', 'bad.jsonl'], "with a 'text' field"),
     (['--source=files', '--files', 'bad.parquet'], 'cannot read bad.parquet'),
+    (['--source=files', '--files', 'folder'], 'folder is a folder'),
+    (['--source=files', '--files', 'latin1.txt'], 'latin1.txt: not UTF-8 text'),
+    (['--source=files', '--files', 'nums.jsonl'], "nums.jsonl:1: the 'text' field must be a string, got number"),
+    (['--source=files', '--files', 'empty.txt', '--seed=-1'], '--seed must be >= 0'),
 ])
 def test_bad_input_one_line(tmp_path, argv, message):
     (tmp_path / 'x.csv').write_text('a,b\n')
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'latin1.txt').write_bytes('café'.encode('latin-1'))
+    (tmp_path / 'nums.jsonl').write_text('{"text": 5}\n')
     (tmp_path / 'empty.txt').write_text('  \n')
     (tmp_path / 'bad.jsonl').write_text('{"body": "x"}\n')
     (tmp_path / 'bad.parquet').write_text('not parquet')
@@ -232,3 +245,131 @@ def test_interrupted_run_leaves_previous_output_whole(tmp_path):
     with pytest.raises(SystemExit):
         prepare('--source=files', '--files', str(path), f'--data_dir={tmp_path}', '--name=y')
     assert not os.path.exists(tmp_path / 'y' / 'train.bin')
+
+
+def prepared(folder):
+    """Every file in folder, once meta.json and the bins are checked to agree."""
+    meta = json.loads((folder / 'meta.json').read_text())
+    for split in ('train', 'val'):
+        assert (folder / f'{split}.bin').stat().st_size == 2 * meta[f'{split}_tokens']
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_sigterm_removes_temporaries_and_keeps_previous_output(tmp_path):
+    (tmp_path / 'small.txt').write_text('\n<|endoftext|>\n'.join(DOCS))
+    prepare('--source=files', '--files', str(tmp_path / 'small.txt'), f'--data_dir={tmp_path}', '--name=x')
+    before = prepared(tmp_path / 'x')
+    big = tmp_path / 'big.jsonl'  # 20 chunks, about a second of work: still writing when the signal comes
+    big.write_text(''.join(json.dumps({'text': f'{d} ' * 6}) + '\n' for d in DOCS * 1024))
+    proc = subprocess.Popen([sys.executable, PREPARE, '--source=files', '--files', str(big), '--num_proc=1',
+                             f'--data_dir={tmp_path}', '--name=x'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while not any(name.endswith('.tmp') for name in os.listdir(tmp_path / 'x')):  # writing has begun
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1] == INTERRUPTED and 'Traceback' not in err
+    assert prepared(tmp_path / 'x') == before  # no .tmp left, nothing replaced
+
+
+def test_stale_temporaries_are_removed_live_ones_kept(tmp_path):
+    folder = tmp_path / 'x'
+    folder.mkdir()
+    host = socket.gethostname()
+    stale = [f'train.bin.{host}.99999999.tmp',  # a writer killed with SIGKILL (no such pid: above pid_max)
+             'val.bin.tmp', 'meta.json.tmp']  # the fixed names of older versions
+    live = [f'val.bin.{host}.{os.getppid()}.tmp',  # a concurrent writer's
+            'train.bin.some-other-host.99999999.tmp']  # a writer on another machine sharing the folder
+    for name in stale + live:
+        (folder / name).write_bytes(b'partial')
+    (tmp_path / 'a.txt').write_text('\n<|endoftext|>\n'.join(DOCS))
+    handler = signal.getsignal(signal.SIGTERM)
+    prepare('--source=files', '--files', str(tmp_path / 'a.txt'), f'--data_dir={tmp_path}', '--name=x')
+    assert signal.getsignal(signal.SIGTERM) == handler  # main() gives in-process callers their handler back
+    check_output(folder, DOCS)
+    assert sorted(os.listdir(folder)) == sorted(['meta.json', 'train.bin', 'val.bin'] + live)
+    assert all((folder / name).read_bytes() == b'partial' for name in live)
+
+
+class FullDisk:
+    """A file whose write() stores a little and then fails as on a full disk."""
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        self.f.write(data[:3])
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize('full', ['train.bin', 'meta.json'])
+def test_disk_full_one_line_previous_output_whole(tmp_path, monkeypatch, full):
+    (tmp_path / 'a.txt').write_text('\n<|endoftext|>\n'.join(DOCS))
+    argv = ['--source=files', '--files', str(tmp_path / 'a.txt'), f'--data_dir={tmp_path}', '--name=x']
+    prepare(*argv)
+    before = prepared(tmp_path / 'x')
+
+    def full_open(path, mode='r', *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return FullDisk(f) if 'w' in mode and os.path.basename(path).startswith(full) else f
+    monkeypatch.setattr(prepare_wiki, 'open', full_open, raising=False)
+    with pytest.raises(SystemExit) as e:
+        prepare(*argv, '--force')
+    assert e.value.code == (f"prepare_wiki.py: error: cannot write to {tmp_path / 'x' / full}: No space left on "
+                            f"device; nothing complete was overwritten; free some space or choose another --data_dir")
+    assert prepared(tmp_path / 'x') == before  # the partial temporary is gone
+
+
+@pytest.mark.parametrize('line,got', [('{"text": 5}', 'number'), ('{"text": null}', 'null'),
+                                      ('{"text": ["a", "b"]}', 'array'), ('{"text": {"en": "a"}}', 'object')])
+def test_jsonl_text_must_be_a_string(tmp_path, line, got):
+    path = tmp_path / 'd.jsonl'
+    path.write_text(json.dumps({'text': 'fine'}) + '\n' + line + '\n')
+    with pytest.raises(SystemExit, match=f"^prepare_wiki.py: error: {re.escape(str(path))}:2: "
+                                         f"the 'text' field must be a string, got {got}$"):
+        prepare('--source=files', '--files', str(path), f'--data_dir={tmp_path}')
+
+
+def test_parquet_and_hf_text_must_be_a_string(tmp_path):
+    pa = pytest.importorskip('pyarrow')
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({'text': ['fine', None]}), tmp_path / 'd.parquet')
+    with pytest.raises(SystemExit, match=r"d\.parquet: row 1 \(counting from 0\): the 'text' field must be "
+                                         r"a string, got null$"):
+        prepare('--source=files', '--files', str(tmp_path / 'd.parquet'), f'--data_dir={tmp_path}')
+    src = tmp_path / 'local'
+    src.mkdir()
+    (src / 'train.jsonl').write_text('{"text": 5}\n{"text": 6}\n')
+    with pytest.raises(SystemExit, match=r"local: row 0 \(counting from 0\): the 'text' field must be a string, "
+                                         r"got number$"):
+        prepare('--source=hf', f'--hf_dataset={src}', f'--data_dir={tmp_path}')
+
+
+def test_plain_progress_lines_without_a_terminal(tmp_path):
+    r = run_cli('--source=sample', '--max_articles=4096', f'--data_dir={tmp_path}')  # stderr: a pipe
+    assert r.returncode == 0, r.stderr
+    assert '\r' not in r.stdout + r.stderr and '\x1b[' not in r.stdout + r.stderr
+    assert re.search(r'^prepare: 2,048 docs, [\d,]+ tokens written, \d+ s$', r.stderr, re.M), r.stderr
+
+
+def test_corrupt_meta_is_redone(tmp_path):
+    (tmp_path / 'a.txt').write_text('\n<|endoftext|>\n'.join(DOCS))
+    argv = ['--source=files', '--files', str(tmp_path / 'a.txt'), f'--data_dir={tmp_path}', '--name=x']
+    prepare(*argv)
+    (tmp_path / 'x' / 'meta.json').write_text('[]')  # valid JSON, but not an object
+    prepare(*argv)
+    prepared(tmp_path / 'x')

@@ -1,0 +1,197 @@
+"""Bad input, one row per case: every script answers a mistake with one line on stderr and a non-zero
+exit, never a traceback or a silent wrong run, and leaves what was already written alone.
+
+The scripts run in this process (runpy, as `python script.py ...` would), so the table stays fast."""
+
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(capsys, script, *argv):
+    """(exit code, stdout, stderr) of `python script argv` run in this process."""
+    old_argv, handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.argv = [script, *map(str, argv)]
+    code = 0
+    try:
+        runpy.run_path(os.path.join(HERE, script), run_name='__main__')
+    except SystemExit as e:
+        if isinstance(e.code, str):  # sys.exit("message"), as python itself reports it
+            print(e.code, file=sys.stderr)
+            code = 1
+        else:
+            code = e.code or 0
+    finally:
+        sys.argv = old_argv
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope='module')
+def tiny_run(data_dir, tmp_path_factory):
+    """A run folder with a 2-step learned checkpoint."""
+    d = str(tmp_path_factory.mktemp('tiny_run'))
+    subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--dataset=wiki_sample', f'--data_dir={data_dir}',
+                    f'--out_dir={d}', '--n_layer=1', '--n_embd=16', '--n_head=1', '--block_size=16', '--batch_size=2',
+                    '--gradient_accumulation_steps=1', '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
+                    '--warmup_iters=1', '--compile=False'], check=True, capture_output=True)
+    return d
+
+
+@pytest.fixture(scope='module')
+def bad_data(data_dir, tmp_path_factory):
+    """data folders with a corrupt meta.json, a meta.json missing a key, and ids beyond the vocabulary."""
+    root = tmp_path_factory.mktemp('bad_data')
+    src = os.path.join(data_dir, 'wiki_sample')
+    for name in ('corrupt_meta', 'meta_no_vocab', 'big_ids'):
+        shutil.copytree(src, root / name)
+    (root / 'corrupt_meta' / 'meta.json').write_text('{"vocab_size": 50257, "train_')
+    meta = json.load(open(os.path.join(src, 'meta.json')))
+    json.dump({k: v for k, v in meta.items() if k != 'vocab_size'}, open(root / 'meta_no_vocab' / 'meta.json', 'w'))
+    json.dump(dict(meta, vocab_size=1000), open(root / 'big_ids' / 'meta.json', 'w'))
+    return str(root)
+
+
+# (script, arguments, expected exit code, fragment of the one-line message); {data}, {bad}, {run}, {tmp}
+# are filled in with the sample data folder, the broken data folders, a trained run and a fresh folder
+ROWS = [
+    # train.py: values that used to train silently wrong or crash later
+    ('train.py', '--grad_clip=-1', 2, 'grad_clip must be >= 0'),
+    ('train.py', '--max_iters=-5', 2, 'max_iters must be >= 0'),
+    ('train.py', '--dropout_n_head=0', 2, 'dropout_n_head must be None (= n_head) or an int >= 1'),
+    ('train.py', '--dropout_n_head=abc', 2, "dropout_n_head='abc' is not valid"),
+    ('train.py', '--dropout_n_head=-4', 2, 'dropout_n_head=-4 is not valid'),
+    ('train.py', '--learning_rate=-1', 2, 'learning_rate must be > 0'),
+    ('train.py', '--beta1=3', 2, 'beta1 must satisfy 0 <= beta1 < 1'),
+    ('train.py', '--beta2=1.5', 2, 'beta2 must satisfy 0 <= beta2 < 1'),
+    ('train.py', '--weight_decay=-0.1', 2, 'weight_decay must be >= 0'),
+    ('train.py', '--penalty_coeff=-1', 2, 'penalty_coeff must be >= 0'),
+    ('train.py', '--shift_init=4.0', 2, 'shift_init must be in [0, pi]'),
+    ('train.py', '--dropout=1.0', 2, 'dropout must satisfy 0 <= dropout < 1'),
+    ('train.py', '--eval_interval=0', 2, 'eval_interval must be >= 1'),
+    ('train.py', '--lr_decay_iters=2', 2, 'must be larger than warmup_iters'),
+    ('train.py', '--model_type=bogus', 2, "model_type must be in ('learned', 'baseline', 'moe')"),
+    ('train.py', '--init_from=bogus', 2, "init_from must be in ('scratch', 'resume')"),
+    ('train.py', '--dtype=bogus', 2, "dtype must be in ('auto'"),
+    ('train.py', '--mask_input=bogus', 2, "mask_input must be in ('mlp_output', 'embedding')"),
+    ('train.py', '--mask_rounding=bogus', 2, "mask_rounding must be in ('stochastic', 'soft')"),
+    ('train.py', '--n_layer=None', 2, 'n_layer cannot be None'),
+    ('train.py', '--n_layers=4', 2, "unknown config key 'n_layers'; did you mean 'n_layer'?"),
+    ('train.py', '--n_layer=4.5', 2, 'n_layer expects int'),
+    ('train.py', '--compile=1', 2, 'compile expects bool'),
+    ('train.py', '--compile', 2, "malformed argument '--compile'"),
+    ('train.py', 'config/no_such_file.py', 2, 'config file not found'),
+    ('train.py', '--device=cuda', 2, "device 'cuda' is not available here; available: auto, cpu"),
+    ('train.py', '--device=bogus', 2, "device 'bogus' is not available here"),
+    # train.py: data problems
+    ('train.py', '--data_dir={tmp} --dataset=wikipedia', 1, "--source=sample --data_dir={tmp}'"),
+    ('train.py', '--data_dir={tmp} --dataset=wiki_sample', 1, "run 'python prepare_wiki.py --source=sample --data_dir={tmp}'"),
+    ('train.py', '--data_dir={bad} --dataset=corrupt_meta', 1, 'meta.json cannot be read'),
+    ('train.py', '--data_dir={bad} --dataset=meta_no_vocab', 1, "meta.json has no 'vocab_size'"),
+    ('train.py', '--data_dir={bad} --dataset=big_ids', 1, "vocab_size is 1000"),
+    ('train.py', '--data_dir={data} --dataset=wiki_sample --dropout=0.2 --out_dir={tmp}/o', 2,
+     'dropout must be 0 in the learned model'),
+    ('train.py', '--data_dir={data} --dataset=wiki_sample --init_from=resume --out_dir={tmp}/o', 1, 'no checkpoint at'),
+    # sample.py
+    ('sample.py', '--out_dir={run} --temperature=-1', 2, 'temperature must be > 0'),
+    ('sample.py', '--out_dir={run} --temperature=0', 2, 'temperature must be > 0'),
+    ('sample.py', '--out_dir={run} --max_new_tokens=-5', 2, 'max_new_tokens must be >= 1'),
+    ('sample.py', '--out_dir={run} --num_samples=0', 2, 'num_samples must be >= 1'),
+    ('sample.py', '--out_dir={run} --top_k=0', 2, 'top_k must be None (all tokens) or an int >= 1'),
+    ('sample.py', '--out_dir={run} --top_k=-5', 2, 'top_k=-5 is not valid'),
+    ('sample.py', '--out_dir={run} --dtype=bogus', 2, "dtype must be in ('auto'"),
+    ('sample.py', '--out_dir={run} --mask=bogus', 2, "mask must be in ('deterministic', 'stochastic')"),
+    ('sample.py', '--out_dir={run} --device=bogus', 2, "device 'bogus' is not available here"),
+    ('sample.py', '--out_dir={run} --start=FILE:{tmp}/binary.bin', 2, 'is not UTF-8 text'),
+    ('sample.py', '--out_dir={run} --start=FILE:{tmp}/missing.txt', 1, 'cannot read the prompt file'),
+    ('sample.py', '--out_dir={tmp}', 1, 'no checkpoint at'),
+    # bench.py
+    ('bench.py', '--modes=foo', 1, 'modes must be a comma-separated list of eager, compiled'),
+    ('bench.py', '--shapes=foo', 1, 'shapes must be a comma-separated list of seed, quick'),
+    ('bench.py', '--rounds=0', 1, 'rounds must be >= 1'),
+    ('bench.py', '--gen_prompts=abc', 1, 'gen_prompts must be a comma-separated list of prompt lengths'),
+    ('bench.py', '--device=bogus', 1, "device 'bogus' is not available here"),
+    # reproduce.py
+    ('reproduce.py', '--seeds=abc', 1, 'seeds must be a comma-separated list of integers'),
+    ('reproduce.py', '--seeds=', 1, 'seeds must be a comma-separated list of integers'),
+    ('reproduce.py', '--rows=foo', 1, 'rows must be a comma-separated list of'),
+    ('reproduce.py', '--report_only=True --results_dir={tmp}', 1, 'no finished runs in'),
+    # plot.py
+    ('plot.py', '{run} --mask_text= --out={tmp}', 1, '--mask_text is empty'),
+    ('plot.py', '{run} --mask_text=FILE:{tmp}/binary.bin --out={tmp}', 1, 'is not UTF-8 text'),
+    ('plot.py', '{tmp} --out={tmp}', 1, 'no metrics file'),
+]
+
+
+@pytest.mark.parametrize('script,args,code,message', ROWS, ids=[f'{r[0]} {r[1]}' for r in ROWS])
+def test_bad_input_one_line(capsys, tmp_path, data_dir, bad_data, tiny_run, script, args, code, message):
+    (tmp_path / 'binary.bin').write_bytes(bytes(range(128, 256)) * 4)
+    fill = dict(data=data_dir, bad=bad_data, run=tiny_run, tmp=tmp_path)
+    got, out, err = run(capsys, script, *args.format(**fill).split())
+    assert got == code, (out, err)
+    assert 'Traceback' not in err
+    lines = [line for line in err.strip().splitlines() if not line.startswith('warning:')]
+    assert len(lines) == 1, err
+    assert message.format(**fill) in lines[0], lines[0]
+
+
+def test_none_valued_option_is_overridable(capsys, tiny_run):
+    """sample.py documents top_k=None as "all tokens": it must be accepted."""
+    code, out, err = run(capsys, 'sample.py', f'--out_dir={tiny_run}', '--top_k=None', '--num_samples=1',
+                         '--max_new_tokens=3')
+    assert code == 0 and 'tokens/s' in out, err
+
+
+def test_existing_run_is_not_overwritten(capsys, data_dir, tiny_run, tmp_path):
+    """Training from scratch into a folder holding a run refuses and leaves every file as it was."""
+    d = tmp_path / 'run'
+    shutil.copytree(tiny_run, d)
+    before = {f: (d / f).read_bytes() for f in ('ckpt.pt', 'best.pt', 'metrics.jsonl')}
+    code, _, err = run(capsys, 'train.py', '--dataset=wiki_sample', f'--data_dir={data_dir}', f'--out_dir={d}',
+                       '--n_layer=1', '--n_embd=16', '--n_head=1', '--block_size=16', '--compile=False')
+    assert code == 2 and '--init_from=resume' in err and '--overwrite=True' in err
+    assert all((d / f).read_bytes() == b for f, b in before.items())
+
+
+def test_plot_run_name_with_a_slash(capsys, tiny_run, tmp_path):
+    d = tmp_path / 'run'
+    shutil.copytree(tiny_run, d)
+    conf = json.load(open(d / 'config.json'))
+    json.dump(dict(conf, wandb_run_name='team/exp 1'), open(d / 'config.json', 'w'))
+    code, out, err = run(capsys, 'plot.py', str(d), f'--out={tmp_path / "plots"}')
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / 'plots')) == ['curves.png', 'curves.svg', 'keep_layers_team_exp_1.png',
+                                                      'keep_layers_team_exp_1.svg']
+
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'bench.py', 'reproduce.py', 'plot.py',
+                                    'prepare_wiki.py'])
+def test_help(capsys, script):
+    """--help prints the usage and every option with its default and comment, and exits 0."""
+    code, out, err = run(capsys, script, '--help')
+    assert code == 0 and not err
+    assert 'usage' in out.lower()
+    if script == 'train.py':
+        assert "--learning_rate" in out and '= 0.0009' in out and 'max learning rate' in out
+        assert '--penalty_coeff' in out and 'weight of mean(M^2/2) in the loss' in out
+    if script == 'sample.py':
+        assert '--top_k' in out and '= 200' in out and 'None: all' in out
+    code, out, _ = run(capsys, script, '-h')
+    assert code == 0 and 'usage' in out.lower()
+
+
+def test_ids_check_names_the_largest_id(capsys, bad_data):
+    data = np.memmap(os.path.join(bad_data, 'big_ids', 'train.bin'), dtype=np.uint16, mode='r')
+    code, _, err = run(capsys, 'train.py', f'--data_dir={bad_data}', '--dataset=big_ids')
+    assert f'token id {int(data.max())}' in err
