@@ -56,8 +56,10 @@ def test_init_follows_spec():
     ld = m.transformer.h[0].learned_dropout
     assert ld.c_attn.bias is None and ld.c_attn.weight.shape == (432, 144)
     assert ld.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    proj = m.transformer.h[0].mlp.c_proj.weight
-    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 26), rel=0.05)
+    for proj in (m.transformer.h[0].mlp.c_proj.weight, m.transformer.h[0].attn.c_proj.weight):
+        assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 26), rel=0.05)
+    assert m.transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert all(not isinstance(mod, torch.nn.Dropout) or mod.p == 0 for mod in m.modules())
 
 
@@ -240,6 +242,59 @@ def test_penalty_value_and_absence():
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 97), y.view(-1)))
 
 
+def capture_block(block):
+    """Forward hooks on a LearnedBlock's parts: their inputs and outputs of the next call."""
+    seen = {}
+    for name in ('attn', 'mlp', 'learned_dropout'):
+        getattr(block, name).register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp, out)))
+    return seen
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_block_masks_the_mlp_output_with_a_mask_of_itself(mode):
+    """h = a + f * R with a = h + Attn(LN1(h)), f the MLP output, and M computed from f itself (not from
+    LN2(a), the MLP's input): no rescaling, nothing else added."""
+    m = tiny(shift_init=math.pi / 2, n_embd=32, n_head=2).train(mode == 'train')
+    block = m.transformer.h[1]
+    seen = capture_block(block)
+    x = torch.randn(3, 16, 32)
+    torch.manual_seed(0)
+    out, M, R = block(x)
+    attn_out = seen['attn'][1]
+    f = seen['mlp'][1]
+    assert seen['learned_dropout'][0][0] is f  # the module itself is called, on f
+    ld = block.learned_dropout
+    M_ref = 0.5 * torch.cos(reference_attention(ld.c_attn, f, ld.n_head) + ld.shift) + 0.5
+    torch.testing.assert_close(M, M_ref, rtol=1e-5, atol=1e-6)
+    assert set(torch.unique(R).tolist()) == {0.0, 1.0}
+    if mode == 'eval':
+        assert torch.equal(R, (M >= 0.5).float())
+    torch.testing.assert_close(out, x + attn_out + f * R, rtol=0, atol=1e-6)
+
+
+def test_penalty_gradient_reaches_the_mask():
+    """The penalty term trains the masks: its gradient w.r.t. the shifts is that of
+    penalty_coeff * mean over layers of mean(M^2/2), not zero (a detached M would log the same value)."""
+    x = torch.randint(0, 97, (2, 16))
+    grads = {}
+    for coeff in (0.0, 0.5):
+        m = tiny(shift_init=math.pi / 2, penalty_coeff=coeff).train()
+        torch.manual_seed(0)
+        _, loss = m(x, x)
+        loss.backward()
+        grads[coeff] = torch.stack([b.learned_dropout.shift.grad for b in m.transformer.h])
+    m = tiny(shift_init=math.pi / 2, penalty_coeff=0.5).train()
+    ms = []
+    for b in m.transformer.h:
+        b.learned_dropout.register_forward_hook(lambda mod, inp, out: ms.append(out[1]))
+    torch.manual_seed(0)
+    m(x, x)
+    penalty = 0.5 * torch.stack([(mm ** 2 / 2).mean() for mm in ms]).mean()
+    expected = torch.stack(torch.autograd.grad(penalty, [b.learned_dropout.shift for b in m.transformer.h]))
+    assert expected.abs().max() > 1e-6
+    torch.testing.assert_close(grads[0.5] - grads[0.0], expected, rtol=1e-3, atol=1e-7)
+
+
 def test_stats_are_per_layer_and_consistent():
     m = tiny(shift_init=math.pi / 2).train()
     x = torch.randint(0, 97, (4, 16))
@@ -274,6 +329,39 @@ def test_baseline_eval_has_no_dropout():
     assert torch.equal(m4(x, x)[0], m0(x, x)[0])
     m4.train()
     assert not torch.equal(m4(x, x)[0], m0(x, x)[0])
+
+
+@pytest.mark.parametrize('site', ['transformer.drop', 'attn.resid_dropout', 'mlp.dropout'])
+def test_baseline_dropout_acts_at_every_site(site):
+    """Each of nanoGPT's dropout sites (embedding sum, attention output, MLP output) drops a share p of
+    its input in training and scales the rest by 1/(1-p); the hook fails if the site is not called."""
+    m = tiny(baseline_model, dropout=0.3, n_embd=64, n_head=4).train()
+    module = m.get_submodule(site if site.startswith('transformer') else f'transformer.h.0.{site}')
+    seen = []
+    module.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].detach(), out.detach())))
+    m(torch.randint(0, 97, (8, 16)))
+    assert seen, f'{site} was never called'
+    x, y = seen[0]
+    dropped = (y == 0) & (x != 0)
+    assert abs(dropped.float().mean().item() - 0.3) < 0.03
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.7)
+
+
+def test_baseline_attention_probability_dropout():
+    """Dropout on the attention probabilities alone (embedding/residual sites switched off) still
+    changes the training output, and never the eval output."""
+    m = tiny(baseline_model, dropout=0.3).train()
+    m.transformer.drop.p = 0.0
+    for b in m.transformer.h:
+        b.attn.resid_dropout.p = b.mlp.dropout.p = 0.0
+    x = torch.randint(0, 97, (2, 16))
+    torch.manual_seed(0)
+    a, _ = m(x)
+    torch.manual_seed(1)
+    b, _ = m(x)
+    assert not torch.allclose(a, b)
+    m.eval()
+    assert torch.equal(m(x)[0], m(x)[0])
 
 
 def test_baseline_inverted_dropout_in_training():
@@ -319,12 +407,31 @@ def test_kv_cache_matches_full_recompute(module):
     assert len(set(out[0, 5:].tolist())) > 3
 
 
-def test_generate_sampling_shapes_and_top_k():
-    m = tiny().eval()
-    idx = torch.zeros(3, 1, dtype=torch.long)
+def test_generate_sampling_distribution():
+    """top_k=1 is greedy decoding; top_k=k only ever emits one of the k most likely tokens; top_k=None
+    samples the softmax of logits / temperature."""
+    m = tiny(n_embd=48, n_head=3).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(8)  # peaked, varied distributions
+    idx = torch.randint(0, 97, (4, 3), generator=torch.Generator().manual_seed(3))
     torch.manual_seed(0)
-    out = m.generate(idx, 20, temperature=0.8, top_k=5)
-    assert out.shape == (3, 21) and out.max() < 97
+    assert torch.equal(m.generate(idx, 10, temperature=0.7, top_k=1), full_recompute_greedy(m, idx, 10))
+    torch.manual_seed(1)
+    out = m.generate(idx, 12, temperature=1.5, top_k=3)
+    assert out.shape == (4, 15)
+    for t in range(3, 15):
+        logits, _ = m(out[:, :t])
+        top3 = logits[:, -1].topk(3).indices
+        assert (top3 == out[:, t:t + 1]).any(-1).all()
+    # one step, many draws: empirical frequencies follow softmax(logits / T)
+    x = idx[:1].expand(4000, 3)
+    torch.manual_seed(2)
+    draws = m.generate(x, 1, temperature=2.0)[:, -1]
+    probs = F.softmax(m(idx[:1])[0][0, -1] / 2.0, -1)
+    freq = torch.bincount(draws, minlength=97).float() / 4000
+    assert (freq - probs).abs().max() < 0.03
 
 
 # ---------------------------------------------------------------------------- training

@@ -224,6 +224,12 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 6 and len(ckpt['rng']) == 2
     assert not torch.equal(ckpt['rng'][0]['batch'], ckpt['rng'][1]['batch'])  # ranks draw different batches
+    # the replicas' weights agree after training (train.py checks it at every save; without the
+    # all-reduce each rank would follow its own batches)
+    sums = ckpt['replica_checksums']
+    assert len(sums) == 2 and sums[0] == sums[1]
+    single = {k: v.double().square().sum().item() for k, v in ckpt['model'].items()}
+    assert sums[0] == pytest.approx(sum(single.values()) - single['transformer.wte.weight'], rel=1e-9)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -272,3 +278,80 @@ def test_wandb_is_offline_by_default(data_dir, tmp_path):
     assert calls[0] == {'init': 'learned', 'mode': 'offline'}
     assert len([c for c in calls if 'step' in c]) == len(records(tmp_path / 'out'))
     assert calls[-1] == {'finish': True}
+
+
+# ---------------------------------------------------------------------------- nothing lost by mistake
+
+def test_second_run_into_a_locked_folder_is_refused(data_dir, tmp_path):
+    from runtime import RunLock
+    tmp_path.mkdir(exist_ok=True)
+    lock = RunLock(str(tmp_path))  # as a running train.py holds it
+    line = error_line(train(data_dir, tmp_path, '--max_iters=2'))
+    assert f'in use by another run (pid {os.getpid()})' in line
+    assert not (tmp_path / 'metrics.jsonl').exists()
+    lock.file.close()  # released: a run may start
+    ok(train(data_dir, tmp_path, '--max_iters=1', '--eval_interval=1'))
+
+
+def test_stale_temporaries_are_cleaned_and_resume_survives_a_torn_metrics_line(data_dir, tmp_path):
+    ok(train(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2'))
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    (tmp_path / f'ckpt.pt.{dead}.tmp').write_bytes(b'partial')
+    with open(tmp_path / 'metrics.jsonl', 'a') as f:
+        f.write('{"iter": 2, "loss": 3.')  # killed mid-write
+    r = ok(train(data_dir, tmp_path, '--max_iters=4', '--eval_interval=2', '--init_from=resume'))
+    assert 'incomplete last line' in r.stdout
+    assert not list(tmp_path.glob('*.tmp'))
+    assert [x['iter'] for x in records(tmp_path) if 'val/loss' in x] == [0, 2, 4]
+    import plot
+    plot.main([str(tmp_path), f'--out={tmp_path / "plots"}'])
+
+
+def test_finished_run_says_so(data_dir, tmp_path):
+    ok(train(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2'))
+    config = (tmp_path / 'config.json').read_bytes()
+    r = ok(train(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2', '--init_from=resume'))
+    assert 'the run is complete (2 of max_iters=2' in r.stdout and '--max_iters=4' in r.stdout
+    assert (tmp_path / 'config.json').read_bytes() == config
+
+
+def test_best_checkpoint_is_written_before_the_latest(data_dir, tmp_path):
+    ok(train(data_dir, tmp_path, '--max_iters=4', '--eval_interval=2'))
+    assert os.stat(tmp_path / 'best.pt').st_mtime_ns <= os.stat(tmp_path / 'ckpt.pt').st_mtime_ns
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert best['best_val_loss'] == ckpt['best_val_loss']
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import runtime
+    runtime.save_torch({'a': torch.ones(3)}, str(tmp_path / 'ckpt.pt'))
+    good = (tmp_path / 'ckpt.pt').read_bytes()
+
+    def full(obj, path):
+        open(path, 'wb').write(b'half')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0')
+    monkeypatch.setattr(torch, 'save', full)
+    monkeypatch.setattr(runtime.shutil, 'disk_usage', lambda p: shutil_usage(free=0))
+    with pytest.raises(runtime.RuntimeSetupError, match='no space left on device while writing .*ckpt.pt; '
+                                                        'the previous checkpoint is intact'):
+        runtime.save_torch({'a': torch.zeros(3)}, str(tmp_path / 'ckpt.pt'))
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good and not list(tmp_path.glob('*.tmp'))
+    monkeypatch.setattr(json, 'dump', lambda *a, **k: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
+    with pytest.raises(runtime.RuntimeSetupError, match='no space left on device while writing .*meta.json'):
+        runtime.save_json({}, str(tmp_path / 'meta.json'))
+
+
+def shutil_usage(free):
+    import collections
+    return collections.namedtuple('usage', 'total used free')(100, 100 - free, free)
+
+
+def test_sigterm_during_startup_exits_cleanly(data_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, 'train.py'), *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}']
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and 'Traceback' not in err
+    assert 'before the first training step; nothing was trained' in err

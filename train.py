@@ -326,15 +326,23 @@ def save_checkpoint(path, with_optimizer=True):
     """Written to a temporary name and renamed, so an interrupted save never clobbers a good file.
     Every rank must call it (the RNG states are gathered); rank 0 writes."""
     states = [None] * ddp_world_size
+    checksums = [None] * ddp_world_size
     if ddp:
         torch.distributed.all_gather_object(states, {k: v.cpu() for k, v in rng_state().items()})
+        # replicas must hold identical weights (all-reduced gradients, same optimizer): check it here,
+        # where the loop syncs anyway, rather than save one replica of a silently split model
+        checksum = sum(p.detach().double().square().sum().item() for p in raw_model.parameters())
+        torch.distributed.all_gather_object(checksums, checksum)
+        if len(set(checksums)) != 1:
+            fail(f"the DDP replicas' weights differ at iter {iter_num} (checksums {checksums}); gradients are not "
+                 f"being all-reduced")
     else:
         states[0] = rng_state()
     if not master_process:
         return
     ckpt = {'model': raw_model.state_dict(), 'model_type': model_type, 'model_args': model_args,
             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'evaluated_at': evaluated_at,
-            'config': config, 'rng': states, 'gpt2_ids': gpt2_ids}
+            'config': config, 'rng': states, 'gpt2_ids': gpt2_ids, 'replica_checksums': checksums}
     if with_optimizer:
         ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     try:
