@@ -1,13 +1,17 @@
 """
-What LearnedDropout costs: the full training step (forward, backward, AdamW) of the learned GPT
-and of the baseline at the same data shapes, alternated in one process so that their ratio holds
-on a noisy machine; then KV-cache generation against nanoGPT's full recompute.
+What LearnedDropout costs: the full training step (forward, backward, AdamW) of the learned GPT,
+the baseline and the variants at the same data shapes, in one or more precisions, alternated in one
+process so that their ratios hold on a noisy machine; then KV-cache generation against nanoGPT's
+full recompute.
 
 $ python bench.py                               # seed and quick shapes, eager and compiled
-$ python bench.py --shapes=seed --modes=compiled --batch_size=50
+$ python bench.py --shapes=seed --modes=compiled --batch_size=50        # a GPU: bf16, the seed's micro-batch
+$ python bench.py --dtype=float32,bfloat16 --generate=False             # CPU: what bf16 autocast buys
+$ python bench.py --shapes=seed --models=learned,baseline,moe_params,moe_flops,learned_precomputed
 $ python bench.py --train=False                 # generation only
 """
 
+import dataclasses
 import os
 import runpy
 import sys
@@ -17,18 +21,23 @@ import torch
 
 import baseline_model
 import model as learned_model
+import moe_model
 from configurator import ConfigError, configure
 from runtime import RuntimeSetupError, autocast, peak_flops, pick_device, pick_dtype, setup_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MODULES = {'learned': learned_model, 'baseline': baseline_model, 'moe': moe_model}
 # -----------------------------------------------------------------------------
 device = 'auto'  # 'auto' = cuda > mps > cpu
-dtype = 'auto'  # 'auto' = bfloat16 on CUDA, float32 on CPU (the training default)
+dtype = 'auto'  # precision(s) to time, comma-separated, e.g. float32,bfloat16; 'auto' = what train.py picks
 shapes = 'seed,quick'  # seed: the 26-layer models of METHOD.md section 6; quick: config/quick_*.py
+models = 'learned,baseline'  # learned, baseline, and at seed shapes any config/<name>.py, e.g. moe_params
 modes = 'eager,compiled'  # eager and/or torch.compile
 batch_size = 0  # micro-batch; 0: 50 (the seed's) on CUDA, 8 on CPU
+threads = 0  # CPU threads (torch.set_num_threads); 0: torch's default (one per core)
 steps = 4  # timed steps per model per round
-rounds = 3  # rounds alternating learned and baseline; the median round counts
+rounds = 3  # rounds alternating the models and dtypes; the median round counts
+memory = True  # eager CPU runs: peak memory of each model's step in a fresh process
 train = True  # benchmark the training step
 generate = True  # benchmark KV-cache generation against full recompute
 gen_shapes = 'quick'  # learned model shapes to generate with: quick and/or seed
@@ -39,22 +48,25 @@ seed_run_accum = 16  # micro-steps per step in the seed run (50 x 16 sequences)
 # -----------------------------------------------------------------------------
 
 
-def shape_args(name):
-    """(learned GPTConfig kwargs, baseline GPTConfig kwargs) of a named shape, read from config/."""
-    files = {'seed': ('learned_shift0.py', 'baseline.py'), 'quick': ('quick_learned.py', 'quick_baseline.py')}[name]
-    out = []
-    for f in files:
-        c = runpy.run_path(os.path.join(HERE, 'config', f))
-        args = dict(block_size=c.get('block_size', 200), vocab_size=50257, n_layer=c['n_layer'],
-                    n_head=c['n_head'], n_embd=c['n_embd'], dropout=c.get('dropout', 0.0))
-        if c['model_type'] == 'learned':
-            args.update(shift_init=c['shift_init'], penalty_coeff=c['penalty_coeff'])
-        out.append(args)
-    return out
+SEED_FILES = {'learned': 'learned_shift0', 'baseline': 'baseline'}  # the other names are config/<name>.py
+QUICK_FILES = {'learned': 'quick_learned', 'baseline': 'quick_baseline'}
+CONFIG_NAMES = {f[:-3] for f in os.listdir(os.path.join(HERE, 'config')) if f.endswith('.py')}
 
 
-def build(kind, args, dev):
-    module = learned_model if kind == 'learned' else baseline_model
+def model_spec(name, shape):
+    """(model_type, GPTConfig kwargs) of a model name at a named shape, read from its config file:
+    'learned' and 'baseline' at 'seed' or 'quick' shapes, any other config/<name>.py at its own (seed) shape."""
+    files = SEED_FILES if shape == 'seed' else QUICK_FILES
+    c = runpy.run_path(os.path.join(HERE, 'config', files.get(name, name) + '.py'))
+    model_type = c.get('model_type', 'learned')
+    fields = {f.name for f in dataclasses.fields(MODULES[model_type].GPTConfig)}
+    args = dict(block_size=200, vocab_size=50257)
+    args.update({k: v for k, v in c.items() if k in fields and k != 'vocab_size'})
+    return model_type, args
+
+
+def build(model_type, args, dev):
+    module = MODULES[model_type]
     torch.manual_seed(0)
     m = module.GPT(module.GPTConfig(**args)).to(dev)
     return m, m.configure_optimizers(0.1, 9e-4, (0.9, 0.95), dev.split(':')[0])
@@ -66,23 +78,24 @@ def sync(dev):
 
 
 def make_step(m, opt, ctx):
+    """train.py's step: forward with statistics, the logits dropped before backward, AdamW."""
     def step(x, y):
         with ctx:
-            _, loss, _ = m(x, y, return_stats=True)
+            loss = m(x, y, return_stats=True)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def cpu_peak_rss(kind, args, B, dt):
+def cpu_peak_rss(model_type, args, B, dt):
     """Peak resident memory (MiB, VmHWM) of a fresh process that runs this model's training step: on a
-    CPU there is no allocator counter, and a shared process would mix both models' peaks (ru_maxrss
+    CPU there is no allocator counter, and a shared process would mix the models' peaks (ru_maxrss
     would even carry this process's peak across fork+exec). glibc's default allocation (no
     setup_device) returns big buffers at once, so the peak is what was live at once."""
     import subprocess
     code = (f"import sys, torch; sys.path.insert(0, {HERE!r}); import bench, runtime; "
-            f"torch.set_flush_denormal(True); m, o = bench.build({kind!r}, {args!r}, 'cpu'); "
+            f"torch.set_flush_denormal(True); m, o = bench.build({model_type!r}, {args!r}, 'cpu'); "
             f"x = torch.randint(0, 50257, ({B}, {args['block_size']})); "
             f"s = bench.make_step(m, o, runtime.autocast({dt!r}, 'cpu')); s(x, x); s(x, x); "
             f"print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
@@ -90,24 +103,26 @@ def cpu_peak_rss(kind, args, B, dt):
     return int(r.stdout.split()[-1]) / 1024 if r.returncode == 0 else float('nan')
 
 
-def bench_train(shape, mode, dev, dt, B):
-    """Median ms per training step of both models, alternating; plus memory, FLOPs, MFU."""
-    largs, bargs = shape_args(shape)
-    ctx = autocast(dt, dev.split(':')[0])
-    T = largs['block_size']
+def bench_train(shape, mode, dev, dtypes, B):
+    """Median seconds per training step of every (model, dtype), alternating them round by round so
+    that their ratios hold on a noisy machine; plus parameters, FLOPs, MFU and peak memory."""
+    names = [n for n in models.split(',') if shape == 'seed' or n in QUICK_FILES]
+    T = model_spec(names[0], shape)[1]['block_size']
     x = torch.randint(0, 50257, (B, T), device=dev)
-    models, rows = {}, {}
-    for kind, args in (('learned', largs), ('baseline', bargs)):
-        m, opt = build(kind, args, dev)
-        step = make_step(torch.compile(m) if mode == 'compiled' else m, opt, ctx)
-        t0 = time.time()
-        for _ in range(2):  # warm-up (and compilation)
-            step(x, x)
-        sync(dev)
-        models[kind] = (m, step)
-        rows[kind] = {'times': [], 'warmup_s': time.time() - t0}
+    live, rows = {}, {}
+    for name in names:
+        model_type, args = model_spec(name, shape)
+        for dt in dtypes:
+            m, opt = build(model_type, args, dev)
+            step = make_step(torch.compile(m) if mode == 'compiled' else m, opt, autocast(dt, dev.split(':')[0]))
+            t0 = time.time()
+            for _ in range(2):  # warm-up (and compilation)
+                step(x, x)
+            sync(dev)
+            live[name, dt] = (m, step, model_type, args)
+            rows[name, dt] = {'times': [], 'warmup_s': time.time() - t0}
     for _ in range(rounds):
-        for kind, (m, step) in models.items():
+        for key, (m, step, _, _) in live.items():
             if dev.startswith('cuda'):
                 torch.cuda.reset_peak_memory_stats(dev)
             sync(dev)
@@ -115,26 +130,27 @@ def bench_train(shape, mode, dev, dt, B):
             for _ in range(steps):
                 step(x, x)
             sync(dev)
-            rows[kind]['times'].append((time.time() - t0) / steps)
+            rows[key]['times'].append((time.time() - t0) / steps)
             if dev.startswith('cuda'):
-                rows[kind]['mem_mib'] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+                rows[key]['mem_mib'] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     peak = peak_flops(dev)
-    for kind, (m, _) in models.items():
-        r = rows[kind]
+    for (name, dt), (m, _, model_type, args) in live.items():
+        r = rows[name, dt]
         r['s'] = sorted(r['times'])[len(r['times']) // 2]
         r['tok_s'] = B * T / r['s']
         r['flops_tok'] = m.flops_per_token()
         r['params'] = m.get_num_params()
+        r['active'] = m.get_num_active_params() if hasattr(m, 'get_num_active_params') else r['params']
         r['mfu'] = m.estimate_mfu(B, r['s'], peak) if peak else None
         if 'mem_mib' not in r:
-            r['mem_mib'] = cpu_peak_rss(kind, (largs, bargs)[kind == 'baseline'], B, dt) if mode == 'eager' else None
+            r['mem_mib'] = cpu_peak_rss(model_type, args, B, dt) if mode == 'eager' and memory else None
     return rows
 
 
 def bench_generate(shape, dev, dt):
     """Tokens/s of model.generate with the KV cache and with full recompute (learned model of the
     named shape, random weights: speed does not depend on them), for each prompt length."""
-    largs, _ = shape_args(shape)
+    _, largs = model_spec('learned', shape)
     m, _ = build('learned', largs, dev)
     m.eval()
     ctx = autocast(dt, dev.split(':')[0])
@@ -157,7 +173,11 @@ def bench_generate(shape, dev, dt):
 
 
 RULES = {
-    'dtype': "x in ('auto', 'float32', 'bfloat16', 'float16')",
+    'dtype': ("len(x) > 0 and set(x.split(',')) <= {'auto', 'float32', 'bfloat16', 'float16'}",
+              "a comma-separated list of auto, float32, bfloat16, float16"),
+    'models': (f"len(x) > 0 and set(x.split(',')) <= {set(SEED_FILES) | CONFIG_NAMES!r}",
+               "a comma-separated list of learned, baseline or the names of config/ files"),
+    'threads': 'x >= 0',
     'shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick'}", "a comma-separated list of seed, quick"),
     'gen_shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick'}", "a comma-separated list of seed, quick"),
     'modes': ("len(x) > 0 and set(x.split(',')) <= {'eager', 'compiled'}", "a comma-separated list of eager, compiled"),
@@ -171,42 +191,53 @@ RULES = {
 def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
-            'device', 'dtype', 'shapes', 'modes', 'batch_size', 'steps', 'rounds', 'train', 'generate',
-            'gen_shapes', 'gen_tokens', 'gen_prompts', 'seed_run_steps', 'seed_run_accum')}, sys.argv[1:],
-            __file__, __doc__, RULES))
+            'device', 'dtype', 'shapes', 'models', 'modes', 'batch_size', 'threads', 'steps', 'rounds', 'memory',
+            'train', 'generate', 'gen_shapes', 'gen_tokens', 'gen_prompts', 'seed_run_steps', 'seed_run_accum')},
+            sys.argv[1:], __file__, __doc__, RULES))
         dev = pick_device(device)
     except (ConfigError, RuntimeSetupError) as e:
         sys.exit(f"bench.py: error: {e}")
     dev_type = dev.split(':')[0]
-    dt = pick_dtype(dtype, dev_type)
+    dtypes = list(dict.fromkeys(pick_dtype(d, dev_type) for d in dtype.split(',')))
+    dt = dtypes[0]
     setup_device(dev_type)
+    if threads:
+        torch.set_num_threads(threads)
     B = batch_size or (50 if dev_type == 'cuda' else 8)
     name = torch.cuda.get_device_name(dev) if dev_type == 'cuda' else f'{dev_type}, {torch.get_num_threads()} threads'
-    print(f"device: {name}; dtype {dt}; torch {torch.__version__}")
-    step_ratios, flop_ratios, gen_speedups = [], [], []
+    print(f"device: {name}; dtype {', '.join(dtypes)}; torch {torch.__version__}")
+    step_ratios, flop_ratios, dtype_speedups, gen_speedups = [], [], [], []
     if train:
         for shape in shapes.split(','):
-            largs = shape_args(shape)[0]
-            print(f"\n{shape} shapes: micro-batch {B} x {largs['block_size']} tokens")
-            print(f"{'mode':9} {'model':9} {'params':>11} {'ms/step':>9} {'tok/s':>9} {'peak MiB':>9} "
-                  f"{'GFLOP/tok':>9} {'MFU':>6} {'warm-up s':>9}")
+            print(f"\n{shape} shapes: micro-batch {B} x {model_spec('learned', shape)[1]['block_size']} tokens")
+            print(f"{'mode':9} {'dtype':9} {'model':19} {'params':>11} {'active':>11} {'ms/step':>9} {'tok/s':>9} "
+                  f"{'peak MiB':>9} {'GFLOP/tok':>9} {'MFU':>6} {'warm-up s':>9}")
             for mode in modes.split(','):
-                rows = bench_train(shape, mode, dev, dt, B)
-                for kind, r in rows.items():
+                rows = bench_train(shape, mode, dev, dtypes, B)
+                for (kind, d), r in rows.items():
                     mem = f"{r['mem_mib']:.0f}" if r['mem_mib'] is not None else '-'
                     mfu = f"{r['mfu'] * 100:.1f}%" if r['mfu'] is not None else '-'
-                    print(f"{mode:9} {kind:9} {r['params']:>11,} {r['s'] * 1000:>9.1f} {r['tok_s']:>9,.0f} "
-                          f"{mem:>9} {r['flops_tok'] / 1e9:>9.3f} {mfu:>6} {r['warmup_s']:>9.1f}")
-                ratio = rows['learned']['s'] / rows['baseline']['s']
-                flops = rows['learned']['flops_tok'] / rows['baseline']['flops_tok']
-                print(f"{'':9} learned/baseline: step time {ratio:.3f}x, FLOPs {flops:.3f}x")
-                step_ratios.append(f"{shape}/{mode} {ratio:.3f}x")
-                if mode == modes.split(',')[0]:
-                    flop_ratios.append(f"{shape} {flops:.3f}x")
-                if shape == 'seed':
-                    hours = seed_run_steps * seed_run_accum * (50 / B) * rows['learned']['s'] / 3600
-                    print(f"{'':9} projected full seed run (learned, {seed_run_steps} steps of 50 x {seed_run_accum} "
-                          f"sequences) on this device, {mode}: {hours:.1f} h")
+                    print(f"{mode:9} {d:9} {kind:19} {r['params']:>11,} {r['active']:>11,} {r['s'] * 1000:>9.1f} "
+                          f"{r['tok_s']:>9,.0f} {mem:>9} {r['flops_tok'] / 1e9:>9.3f} {mfu:>6} {r['warmup_s']:>9.1f}")
+                for d in dtypes:
+                    base = rows[('baseline', d)] if ('baseline', d) in rows else None
+                    for (kind, d2), r in rows.items():
+                        if d2 != d or kind == 'baseline' or base is None:
+                            continue
+                        ratio, flops = r['s'] / base['s'], r['flops_tok'] / base['flops_tok']
+                        print(f"{'':9} {d:9} {kind}/baseline: step time {ratio:.3f}x, FLOPs {flops:.3f}x")
+                        step_ratios.append(f"{shape}/{mode}/{d} {kind} {ratio:.3f}x")
+                        if mode == modes.split(',')[0] and d == dtypes[0]:
+                            flop_ratios.append(f"{shape} {kind} {flops:.3f}x")
+                for d in dtypes[1:]:
+                    for kind in dict.fromkeys(k for k, _ in rows):
+                        up = rows[kind, dtypes[0]]['s'] / rows[kind, d]['s']
+                        print(f"{'':9} {kind}: {d} is {up:.2f}x the speed of {dtypes[0]}")
+                        dtype_speedups.append(f"{shape}/{mode} {kind} {d} {up:.2f}x")
+                if shape == 'seed' and ('learned', dt) in rows:
+                    hours = seed_run_steps * seed_run_accum * (50 / B) * rows['learned', dt]['s'] / 3600
+                    print(f"{'':9} projected full seed run (learned, {dt}, {seed_run_steps} steps of 50 x "
+                          f"{seed_run_accum} sequences) on this device, {mode}: {hours:.1f} h")
     if generate:
         for shape in gen_shapes.split(','):
             print(f"\ngeneration: {shape} learned model, top_k 200")
@@ -214,9 +245,11 @@ def main():
                 print(f"prompt {n_prompt:4} + {n_new:4} new tokens: KV cache {cached:7.1f} tok/s, "
                       f"full recompute {full:7.1f} tok/s, speed-up {cached / full:.2f}x")
                 gen_speedups.append(f"{shape} prompt {n_prompt} {cached / full:.2f}x")
-    parts = [f"learned/baseline step time {', '.join(step_ratios)}", f"FLOP ratio {', '.join(flop_ratios)}",
-             f"KV-cache generation speed-up {', '.join(gen_speedups)}"]
-    print('summary: ' + '; '.join(p for p, on in zip(parts, (train, train, generate)) if on))
+    parts = [(f"step time vs baseline {', '.join(step_ratios)}", train and step_ratios),
+             (f"FLOP ratio {', '.join(flop_ratios)}", train and flop_ratios),
+             (f"dtype speed-up {', '.join(dtype_speedups)}", train and dtype_speedups),
+             (f"KV-cache generation speed-up {', '.join(gen_speedups)}", generate)]
+    print('summary: ' + '; '.join(p for p, on in parts if on))
 
 
 if __name__ == '__main__':

@@ -202,16 +202,19 @@ def read_checkpoint(path):
 
 
 def load_model(path, device='cpu'):
-    """(model in eval mode on device, checkpoint dict): a model.GPT or baseline_model.GPT as the
-    checkpoint's model_type says."""
+    """(model in eval mode on device, checkpoint dict): a model.GPT, baseline_model.GPT or
+    moe_model.GPT as the checkpoint's model_type says."""
     ckpt = read_checkpoint(path)
     model_type = ckpt.get('model_type')
     if model_type == 'learned':
         import model as module
     elif model_type == 'baseline':
         import baseline_model as module
+    elif model_type == 'moe':
+        import moe_model as module
     else:
-        raise CheckpointError(f"{path} holds an unknown model_type {model_type!r}; expected 'learned' or 'baseline'")
+        raise CheckpointError(f"{path} holds an unknown model_type {model_type!r}; "
+                              f"expected 'learned', 'baseline' or 'moe'")
     try:
         m = module.GPT(module.GPTConfig(**ckpt['model_args']))
         m.load_state_dict(ckpt['model'])

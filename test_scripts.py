@@ -137,16 +137,19 @@ def test_plot_bad_input(runs, tmp_path):
 
 def test_bench_smoke():
     r = subprocess.run([sys.executable, os.path.join(HERE, 'bench.py'), '--shapes=quick', '--modes=eager',
-                        '--batch_size=1', '--steps=1', '--rounds=1', '--gen_tokens=4', '--gen_prompts=1,4'],
-                       capture_output=True, text=True, timeout=240)
+                        '--dtype=float32,bfloat16', '--batch_size=1', '--steps=1', '--rounds=1', '--gen_tokens=4',
+                        '--gen_prompts=1,4'], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert any(line.startswith('eager     learned') for line in lines)
-    assert any(line.startswith('eager     baseline') for line in lines)
+    for dt in ('float32', 'bfloat16'):
+        for kind in ('learned', 'baseline'):
+            row = next(line for line in lines if line.startswith(f'eager     {dt:9} {kind} '))
+            assert float(row.split()[7]) > 100  # peak MiB of a fresh process running the step
     assert 'speed-up' in r.stdout
     summary = lines[-1]
-    assert summary.startswith('summary: learned/baseline step time quick/eager ')
-    assert 'FLOP ratio quick' in summary and 'KV-cache generation speed-up quick prompt 1' in summary
+    assert summary.startswith('summary: step time vs baseline quick/eager/float32 learned ')
+    assert 'FLOP ratio quick learned' in summary and 'KV-cache generation speed-up quick prompt 1' in summary
+    assert 'dtype speed-up quick/eager learned bfloat16' in summary
 
 
 def test_reproduce_smoke(data_dir, tmp_path):
