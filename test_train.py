@@ -108,7 +108,7 @@ def train_defaults():
 def test_every_config_file_loads():
     for name in sorted(os.listdir(os.path.join(HERE, 'config'))):
         c = configure(train_defaults(), [os.path.join(HERE, 'config', name)])
-        assert c['model_type'] in ('learned', 'baseline'), name
+        assert c['model_type'] in ('learned', 'baseline', 'moe'), name
         assert c['out_dir'] == f"out/{name[:-3]}", name
 
 
