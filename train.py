@@ -4,7 +4,7 @@ Train the LearnedDropout GPT (model.py) or the baseline GPT (baseline_model.py).
 One GPU or CPU:
 $ python train.py config/learned_shift0.py --compile=True
 Overrides and resume (same command plus init_from):
-$ python train.py config/quick_learned.py --max_iters=500 --init_from=resume
+$ python train.py config/quick_learned.py --max_iters=1000 --init_from=resume
 DDP, 4 GPUs on one node:
 $ torchrun --standalone --nproc_per_node=4 train.py config/baseline.py
 
