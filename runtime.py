@@ -5,7 +5,9 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 from contextlib import nullcontext
 
@@ -91,19 +93,22 @@ def setup_device(device_type):
 # ----------------------------------------------------------------------------- files
 
 def tmp_name(path):
-    """A temporary name beside path, unique to this process: two writers never rename each other's file."""
-    return f'{path}.{os.getpid()}.tmp'
+    """A temporary name beside path that no concurrent writer uses, even on another host sharing the
+    folder (NAME.HOST.PID.tmp); clean_stale_tmp can tell from it whether its writer still runs."""
+    return f'{path}.{socket.gethostname()}.{os.getpid()}.tmp'
 
 
 def clean_stale_tmp(folder):
-    """Remove temporaries (NAME.PID.tmp) left in folder by processes that no longer run."""
+    """Remove the temporaries in folder of writers on this host that are gone (SIGKILL, a crash, power
+    loss), and NAME.tmp files of older versions: nobody will rename or reuse them."""
     try:
         names = os.listdir(folder)
-    except OSError:
+    except OSError:  # no folder yet, or not one: the caller reports what it cannot write
         return
+    host = socket.gethostname()
     for name in names:
-        parts = name.rsplit('.', 2)
-        if len(parts) == 3 and parts[2] == 'tmp' and parts[1].isdigit() and not pid_alive(int(parts[1])):
+        m = re.fullmatch(r'(.+?)(?:\.([^.]+)\.(\d+))?\.tmp', name)
+        if m and (m[2] is None or m[2] == host and not pid_alive(int(m[3]))):
             try:
                 os.remove(os.path.join(folder, name))
             except OSError:
@@ -111,11 +116,13 @@ def clean_stale_tmp(folder):
 
 
 def pid_alive(pid):
+    if os.name != 'posix':
+        return True  # on Windows os.kill(pid, 0) would not probe but stop it: keep its files
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
-    except PermissionError:
+    except OSError:  # e.g. another user's process
         return True
     return True
 

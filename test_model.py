@@ -131,6 +131,18 @@ def test_training_masks_exactly_binary(dtype):
     assert torch.all((y == 0) | (y == x.to(y.dtype)))
 
 
+def test_bf16_model_never_keeps_a_channel_with_m_zero():
+    """The noise is drawn in float32: bf16 uniform draws are 0 often enough (1 in 256) that channels with
+    M = 0 would be kept about 0.2% of the time in a model cast to bf16."""
+    ld = LearnedDropout(GPTConfig(n_embd=64, n_head=4, shift_init=math.pi)).train().to(torch.bfloat16)
+    torch.nn.init.zeros_(ld.c_attn.weight)  # z = 0, M = 0.5 cos(pi) + 0.5 = 0
+    x = torch.ones(64, 64, 64, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    _, m, r = ld(x)
+    assert m.float().max() < 1e-5
+    assert r.float().mean().item() < 1e-4
+
+
 def test_training_keep_rate_matches_m():
     torch.manual_seed(0)
     ld = LearnedDropout(GPTConfig(n_embd=16, n_head=2, shift_init=math.pi / 2)).train()

@@ -5,6 +5,7 @@ import ast
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,23 @@ def test_every_config_file_loads():
         assert c['out_dir'] == f"out/{name[:-3]}", name
 
 
+@pytest.mark.parametrize('name', sorted(os.listdir(os.path.join(HERE, 'config'))))
+def test_every_config_builds_its_model(name):
+    """Each config file's model is built as train.py builds it (every GPTConfig field from the train.py
+    globals) and runs a forward pass; the seed-shape configs keep the seed's context."""
+    import dataclasses
+    import baseline_model
+    import model
+    import moe_model
+    c = configure(train_defaults(), [os.path.join(HERE, 'config', name)])
+    module = {'learned': model, 'baseline': baseline_model, 'moe': moe_model}[c['model_type']]
+    args = {f.name: c[f.name] for f in dataclasses.fields(module.GPTConfig) if f.name != 'vocab_size'}
+    m = module.GPT(module.GPTConfig(vocab_size=50257, **args))
+    x = torch.randint(0, 50257, (1, 8))
+    logits, loss = m(x, x)
+    assert logits.shape == (1, 8, 50257) and torch.isfinite(loss)
+
+
 def test_train_cli_errors_are_one_line(data_dir, tmp_path):
     assert 'did you mean' in error_line(train(data_dir, tmp_path, '--n_embed=32'))
     assert "model_type must be in" in error_line(train(data_dir, tmp_path, '--model_type=bogus'))
@@ -155,6 +173,39 @@ def test_tiny_training_run(data_dir, tmp_path, model_type):
     best = torch.load(tmp_path / 'best.pt', weights_only=True)
     assert best['best_val_loss'] == pytest.approx(min(x['val/loss'] for x in evals))
     assert json.load(open(tmp_path / 'config.json'))['model_type'] == model_type
+
+
+def test_eval_on_every_window_is_deterministic_and_exact(data_dir, tmp_path):
+    """eval_windows='all': val CE over every non-overlapping window of val (a last partial one left
+    out), the same at every evaluation of the same weights, equal to a hand computation; train is
+    capped at val's number of windows, spread over the split."""
+    import numpy as np
+    from runtime import load_model
+    tiny = tmp_path / 'data' / 'tiny'
+    tiny.mkdir(parents=True)
+    src = os.path.join(data_dir, 'wiki_sample')
+    for split, n in (('train', 3000), ('val', 1000)):  # val: 31 windows of 32 (+1 target), 7 tokens left over
+        np.fromfile(os.path.join(src, f'{split}.bin'), dtype=np.uint16)[:n].tofile(tiny / f'{split}.bin')
+    json.dump({'vocab_size': 50257, 'train_tokens': 3000, 'val_tokens': 1000}, open(tiny / 'meta.json', 'w'))
+    run = tmp_path / 'run'
+    args = ['--dataset=tiny', '--eval_windows=all', '--dtype=float32', '--max_iters=4', '--eval_interval=2']
+    ok(train(tmp_path / 'data', run, *args))
+    ok(train(tmp_path / 'data', run, *args, '--init_from=resume', '--eval_only=True'))
+    evals = [x for x in records(run) if 'val/loss' in x]
+    assert [x['iter'] for x in evals] == [0, 2, 4, 4]
+    assert evals[-1]['val/loss'] == evals[-2]['val/loss'] and evals[-1]['train/loss'] == evals[-2]['train/loss']
+    model, _ = load_model(str(run / 'ckpt.pt'))
+    for split, n_tokens, key in (('train', 3000, 'train/loss'), ('val', 1000, 'val/loss')):
+        data = torch.from_numpy(np.fromfile(tiny / f'{split}.bin', dtype=np.uint16).astype(np.int64))
+        starts = np.arange((n_tokens - 1) // 32) * 32
+        if split == 'train':  # 93 windows, 31 of them (val's count) evenly spread, the first and the last included
+            starts = starts[np.linspace(0, 92, 31).round().astype(int)]
+        w = torch.stack([data[s:s + 33] for s in starts])
+        with torch.no_grad():
+            logits, _ = model(w[:, :-1], w[:, 1:])
+        hand = torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten()).item()
+        assert evals[-1][key] == pytest.approx(hand, rel=1e-5), split
+    assert len(starts) == 31 and starts[-1] + 33 <= 3000
 
 
 def final_state(out_dir):
@@ -296,7 +347,7 @@ def test_second_run_into_a_locked_folder_is_refused(data_dir, tmp_path):
 def test_stale_temporaries_are_cleaned_and_resume_survives_a_torn_metrics_line(data_dir, tmp_path):
     ok(train(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2'))
     dead = 2 ** 22 + 12345  # above the default pid_max: no such process
-    (tmp_path / f'ckpt.pt.{dead}.tmp').write_bytes(b'partial')
+    (tmp_path / f'ckpt.pt.{socket.gethostname()}.{dead}.tmp').write_bytes(b'partial')
     with open(tmp_path / 'metrics.jsonl', 'a') as f:
         f.write('{"iter": 2, "loss": 3.')  # killed mid-write
     r = ok(train(data_dir, tmp_path, '--max_iters=4', '--eval_interval=2', '--init_from=resume'))
