@@ -30,7 +30,7 @@ MODULES = {'learned': learned_model, 'baseline': baseline_model, 'moe': moe_mode
 # -----------------------------------------------------------------------------
 device = 'auto'  # 'auto' = cuda > mps > cpu
 dtype = 'auto'  # precision(s) to time, comma-separated, e.g. float32,bfloat16; 'auto' = what train.py picks
-shapes = 'seed,quick'  # seed: the 26-layer models of METHOD.md section 6; quick: config/quick_*.py
+shapes = 'seed,quick'  # seed: the 26-layer models of METHOD.md section 6; quick: config/quick_*.py; small: SMALL_ARGS
 models = 'learned,baseline'  # learned, baseline, and at seed shapes any config/<name>.py, e.g. moe_params
 modes = 'eager,compiled'  # eager and/or torch.compile
 batch_size = 0  # micro-batch; 0: 50 (the seed's) on CUDA, 8 on CPU
@@ -53,9 +53,17 @@ QUICK_FILES = {'learned': 'quick_learned', 'baseline': 'quick_baseline'}
 CONFIG_NAMES = {f[:-3] for f in os.listdir(os.path.join(HERE, 'config')) if f.endswith('.py')}
 
 
+# the reduced-scale study's candidate shapes: dispatch, not matmuls, bounds a step this small
+SMALL_ARGS = {'learned': dict(block_size=128, vocab_size=2049, n_layer=4, n_embd=48, n_head=3),
+              'baseline': dict(block_size=128, vocab_size=2049, n_layer=4, n_embd=52, n_head=4)}
+
+
 def model_spec(name, shape):
     """(model_type, GPTConfig kwargs) of a model name at a named shape, read from its config file:
-    'learned' and 'baseline' at 'seed' or 'quick' shapes, any other config/<name>.py at its own (seed) shape."""
+    'learned' and 'baseline' at 'seed' or 'quick' shapes (or 'small', SMALL_ARGS), any other
+    config/<name>.py at its own (seed) shape."""
+    if shape == 'small':
+        return name, dict(SMALL_ARGS[name])
     files = SEED_FILES if shape == 'seed' else QUICK_FILES
     c = runpy.run_path(os.path.join(HERE, 'config', files.get(name, name) + '.py'))
     model_type = c.get('model_type', 'learned')
@@ -96,7 +104,7 @@ def cpu_peak_rss(model_type, args, B, dt):
     import subprocess
     code = (f"import sys, torch; sys.path.insert(0, {HERE!r}); import bench, runtime; "
             f"torch.set_flush_denormal(True); m, o = bench.build({model_type!r}, {args!r}, 'cpu'); "
-            f"x = torch.randint(0, 50257, ({B}, {args['block_size']})); "
+            f"x = torch.randint(0, {args['vocab_size']}, ({B}, {args['block_size']})); "
             f"s = bench.make_step(m, o, runtime.autocast({dt!r}, 'cpu')); s(x, x); s(x, x); "
             f"print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
@@ -107,8 +115,8 @@ def bench_train(shape, mode, dev, dtypes, B):
     """Median seconds per training step of every (model, dtype), alternating them round by round so
     that their ratios hold on a noisy machine; plus parameters, FLOPs, MFU and peak memory."""
     names = [n for n in models.split(',') if shape == 'seed' or n in QUICK_FILES]
-    T = model_spec(names[0], shape)[1]['block_size']
-    x = torch.randint(0, 50257, (B, T), device=dev)
+    T, V = (model_spec(names[0], shape)[1][k] for k in ('block_size', 'vocab_size'))
+    x = torch.randint(0, V, (B, T), device=dev)
     live, rows = {}, {}
     for name in names:
         model_type, args = model_spec(name, shape)
@@ -157,7 +165,7 @@ def bench_generate(shape, dev, dt):
     out = []
     for n_prompt in (int(p) for p in gen_prompts.split(',')):
         n_new = max(1, min(gen_tokens, largs['block_size'] - n_prompt))  # past block_size both recompute
-        idx = torch.randint(0, 50257, (1, n_prompt), device=dev)
+        idx = torch.randint(0, largs['vocab_size'], (1, n_prompt), device=dev)
         times = {True: [], False: []}
         for _ in range(rounds):
             for use_cache in (True, False):
@@ -178,7 +186,7 @@ RULES = {
     'models': (f"len(x) > 0 and set(x.split(',')) <= {set(SEED_FILES) | CONFIG_NAMES!r}",
                "a comma-separated list of learned, baseline or the names of config/ files"),
     'threads': 'x >= 0',
-    'shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick'}", "a comma-separated list of seed, quick"),
+    'shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick', 'small'}", "a comma-separated list of seed, quick, small"),
     'gen_shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick'}", "a comma-separated list of seed, quick"),
     'modes': ("len(x) > 0 and set(x.split(',')) <= {'eager', 'compiled'}", "a comma-separated list of eager, compiled"),
     'gen_prompts': ("all(p.strip().isdigit() and int(p) >= 1 for p in x.split(','))",

@@ -8,7 +8,9 @@ Writes into --out (default: plots/):
 - curves: train and val cross-entropy (eval mode), the penalty mean(M^2/2) (the write-up's "L1 norm")
   and the keep fraction of the training masks over steps, every run overlaid;
 - keep_layers_<run>: per-layer keep fraction over steps (layer x step heatmap) of each learned run;
-- masks_<run> (with --mask_text): the deterministic mask's keep fraction per token and layer.
+- masks_<run> (with --mask_text): the deterministic mask's keep fraction per token and layer;
+- bands (with --bands): runs grouped by name (their config file), each group's mean +- SD over its runs
+  (seeds) of val and train cross-entropy, the keep fraction and the MoE load entropy.
 """
 
 import argparse
@@ -128,7 +130,7 @@ def token_layer_keep(out_dir, text, checkpoint):
     if ckpt['model_type'] != 'learned':
         raise PlotError(f"{out_dir} is a {ckpt['model_type']} run: mask charts need a learned model")
     try:
-        encode, decode = get_codec(model.config.vocab_size, ckpt.get('gpt2_ids'))
+        encode, decode = get_codec(model.config.vocab_size, ckpt.get('tokenizer_cut'))
     except TokenizerError as e:
         raise PlotError(str(e))
     ids = encode(text)[:model.config.block_size]
@@ -148,12 +150,61 @@ def plot_masks(name, tokens, keep, out):
     return save(fig, out, f'masks_{name}')
 
 
+def mean_sd_curve(records_per_run, key):
+    """(iters, mean, SD) of key over runs at the iterations every run logged it (SD 0 for one run)."""
+    per_run = [{r['iter']: r[key] for r in recs if key in r} for recs in records_per_run]
+    iters = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
+    values = np.array([[d[i] for i in iters] for d in per_run])  # (runs, iters)
+    sd = values.std(0, ddof=1) if len(per_run) > 1 else np.zeros(len(iters))
+    return np.array(iters), values.mean(0) if iters else np.array([]), sd
+
+
+def plot_bands(groups, out):
+    """groups: [(name, [(eval records, training records) of each run])]. One line per group, the mean over
+    its runs, in a band of +- one standard deviation."""
+    panels = [('val/loss', 0, 'val cross-entropy (eval mode)'), ('train/loss', 0, 'train cross-entropy (eval mode)'),
+              ('keep', 1, 'keep fraction (training masks)'), ('load_entropy', 1, 'MoE expert load entropy (nats)')]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    last_iter = max(r['iter'] for _, runs in groups for run in runs for recs in run for r in recs)
+    for ax, (key, kind, title) in zip(axes.flat, panels):
+        tail = []
+        for name, runs in groups:
+            iters, mean, sd = mean_sd_curve([run[kind] for run in runs], key)
+            if len(iters):
+                line, = ax.plot(iters, mean, label=f'{name} (n={len(runs)})')
+                ax.fill_between(iters, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
+                late = iters >= 0.1 * last_iter
+                tail += list((mean - sd)[late]) + list((mean + sd)[late])
+        if kind == 0 and tail:  # as plot_curves: zoom to the last 90%
+            pad = 0.05 * (max(tail) - min(tail) or 1)
+            ax.set_ylim(min(tail) - pad, max(tail) + pad)
+            title += ', last 90% of training'
+        ax.set_title(title)
+        ax.set_xlabel('iteration')
+        ax.grid(alpha=0.3)
+        if not ax.lines:
+            ax.text(0.5, 0.5, 'no such run', ha='center', va='center', transform=ax.transAxes)
+    handles, labels = [], []
+    for ax in axes.flat:  # every group once, whichever panel has it
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    rows = -(-len(labels) // 4)
+    fig.suptitle('mean ± SD over the runs (seeds) of each group')
+    fig.tight_layout(rect=(0, 0.035 * rows, 1, 1))
+    fig.legend(handles, labels, loc='lower center', ncol=min(4, len(labels)))
+    return save(fig, out, 'bands')
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     p.add_argument('out_dirs', nargs='+', metavar='OUT_DIR', help='run folders written by train.py')
     p.add_argument('--out', default='plots', help='where the charts go (default: plots)')
     p.add_argument('--mask_text', help='text (or FILE:path) for the token x layer mask chart of each learned run')
     p.add_argument('--checkpoint', default='ckpt.pt', help='checkpoint for --mask_text: ckpt.pt or best.pt')
+    p.add_argument('--bands', action='store_true',
+                   help='group the runs by name (config file) and draw mean +- SD bands over each group (bands.png)')
     args = p.parse_args(argv)
     try:
         if args.mask_text is not None and not args.mask_text.strip():
@@ -177,6 +228,14 @@ def main(argv=None):
                 print('wrote', *plot_masks(name, tokens, keep, args.out))
             return
         runs = [load_run(d) for d in args.out_dirs]
+        if args.bands:
+            groups = {}
+            for name, evals, steps in runs:
+                groups.setdefault(name, []).append((evals, steps))
+            if not any(e or s for runs_ in groups.values() for e, s in runs_):
+                raise PlotError("the metrics files hold no records yet")
+            print('wrote', *plot_bands(list(groups.items()), args.out))
+            return
         names = unique_names(runs, args.out_dirs)
         runs = [(n, e, s) for n, (_, e, s) in zip(names, runs)]
         if not any(e or s for _, e, s in runs):

@@ -1,25 +1,58 @@
 """
-A reduced-scale reproduction of the seed's results table (METHOD.md section 6) on the embedded
-Wikipedia sample, every row with several seeds, on a CPU.
+Reproduction v2: a powered study of the seed's table (METHOD.md section 6) and of the variants, in the
+seed's regime (about 2 train tokens per parameter, tens of passes), on a CPU.
 
-$ python reproduce.py                      # the whole sweep (resumable: finished runs are skipped)
-$ python reproduce.py --report_only=True   # only rebuild the table and charts from finished runs
+$ python reproduce.py --calibrate=True     # the calibration pilot: results/study/calibration.md
+$ python reproduce.py                      # the sweep; resumable run by run (stop it at any time, run it again)
+$ python reproduce.py --report_only=True   # rebuild the tables and charts from results/study/
+On a GPU, add device=cuda (and compile=True) to --train_args, and another --results_dir.
 
-Each row trains with its own seed config (config/learned_shift0.py, ..., config/baseline_dropout0.4.py),
-so penalty, shift_init and dropout are exactly the seed's; only the scale is overridden below. As in the
-seed, the learned model is narrower so both have about the same parameter count, and the training set
-is small enough for many passes, the overfitting regime where a regulariser can show anything.
-The subset is re-encoded to its most frequent GPT-2 ids plus one 'other' id: with all 50257 ids a
-model this small is mostly embedding table (the LM head would be ~95% of its compute, not the seed's
-~half) and learns to memorise rare tokens rather than language.
-Finished runs' metrics go to results/repro/<run>/ (tracked in git), the table to results/repro/results.md
-and .csv, the charts to results/repro/*.png.
+Design. Every row trains with its own config file (config/<row>.py: penalty, shift_init, dropout, experts,
+mask variant are that row's); only the scale is overridden, here and nowhere else:
+- data: the embedded Wikipedia sample (prepare_wiki.py --source=sample), re-tokenized with GPT-2's BPE cut
+  to its first vocab_size - 1 ranks plus <|endoftext|> (tokenizer.get_gpt2_cut: no "other" bucket, ids are
+  GPT-2's); train = the first documents of its train split up to train_tokens tokens (cut after a whole
+  document), val = its whole val split. In data_dir/study_v<vocab_size>_t<train_tokens>.
+- models: learned rows learned_shape, baseline and MoE rows baseline_shape, narrower learned as in the seed
+  so that total parameters agree within 1% (printed at start); MoE rows keep their config's expert count and
+  top-k, and a config's explicit expert_hidden (moe_flops: a full-width 4C expert) scales with the width.
+- training: train_args and max_iters; the seed's near-constant learning-rate shape (linear warm-up, then a
+  cosine to learning_rate / 10 over max_iters * 700000 / 26000 steps, as the seed's 700k over 26k).
+- seeds: seed0, seed0 + 1, ...; one seed gives every row the same training windows in the same order and
+  every evaluation covers the same windows (eval_windows='all'), so rows are compared paired by seed.
+  Order: min_seeds seeds of the priority rows (PRIORITY, seed-major), then min_seeds_other of the others,
+  then seeds are added to any comparison whose paired 95% interval on the primary endpoint is wider than
+  +-target_ci, until it is narrower or has max_seeds (this data-dependent stopping makes the intervals
+  slightly optimistic; the fixed-seed part is not affected).
+
+Endpoints, declared before any run (cross-entropy in nats, eval mode, on deterministic non-overlapping
+windows: the whole val split; the train split capped at val's number of windows, spread over it):
+- primary: val CE averaged over the last three evaluations;
+- secondary: best val CE (lowest evaluation); fit-matched val: for a row and its reference of the same
+  seed, tau = the higher of their two final train CEs (the worse fit, which both runs reach); each run's
+  val is interpolated linearly in train CE at the last time its train CE crossed tau (between two
+  evaluations), and the difference row - reference is reported; final train CE;
+- mask rows: keep fraction of the training masks (mean over the last 10% of logged steps) and of the eval
+  masks (last evaluation), and whether it settled: the eval keep fraction moved by less than 0.02 between
+  the evaluation at 3/4 of the run and the last;
+- MoE rows: expert load entropy (nats, training, last 10% of logged steps; ln of the expert count is uniform);
+- cost: parameters total and active per token, training FLOPs per token, measured ms per step (median).
+Statistics: for each row against baseline and against baseline_dropout0.2, paired by seed: mean difference,
+95% t-interval, number of seeds, two-sided p; the primary endpoint's comparisons are Holm-corrected
+together (family-wise 5%); secondary differences get uncorrected intervals.
+
+Runs train in out_root/<row>_s<seed>/ (checkpoints; an interrupted run resumes from its ckpt.pt); a finished
+run's metrics.jsonl and config.json are copied to results_dir/<row>_s<seed>/ (no checkpoints in results).
+The tables go to results_dir/results.md and .csv, the charts (mean +- SD over seeds) to results_dir/*.png.
 """
 
 import csv
+import functools
 import json
+import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,210 +61,652 @@ import time
 import numpy as np
 
 from configurator import ConfigError, configure
-from tokenizer import reduced_id_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROWS = ['learned_shift0', 'learned_no_penalty', 'learned_shift_pi2', 'learned_shift_pi',
-        'baseline', 'baseline_dropout0.2', 'baseline_dropout0.3', 'baseline_dropout0.4']
-# the seed's reported train / val cross-entropy and keep fraction (METHOD.md section 6, The seed experiments)
-SEED_RESULTS = {'learned_shift0': (2.937, 3.384, 0.6167), 'learned_no_penalty': (2.911, 3.403, 0.9609),
+SEED_ROWS = ['learned_shift0', 'learned_no_penalty', 'learned_shift_pi2', 'learned_shift_pi',
+             'baseline', 'baseline_dropout0.2', 'baseline_dropout0.3', 'baseline_dropout0.4']
+ROWS = SEED_ROWS + ['moe_params', 'moe_flops', 'learned_precomputed', 'learned_soft', 'learned_fourier']
+PRIORITY = ['baseline', 'baseline_dropout0.2', 'learned_shift0', 'learned_no_penalty', 'moe_params', 'learned_soft']
+REFS = ['baseline', 'baseline_dropout0.2']  # every row is compared with these
+SEED_RESULTS = {  # the seed's reported train / val cross-entropy and keep fraction (METHOD.md section 6)
+                'learned_shift0': (2.937, 3.384, 0.6167), 'learned_no_penalty': (2.911, 3.403, 0.9609),
                 'learned_shift_pi2': (2.967, 3.405, 0.5955), 'learned_shift_pi': (3.055, 3.457, 0.2507),
                 'baseline': (2.845, 3.475, None), 'baseline_dropout0.2': (3.1, 3.354, None),
                 'baseline_dropout0.3': (3.213, 3.425, None), 'baseline_dropout0.4': (3.319, 3.512, None)}
+SEED_WIDTH = {'learned': 144, 'baseline': 156, 'moe': 156}  # n_embd in the config files
 # -----------------------------------------------------------------------------
-rows = ','.join(ROWS)  # which rows to run
-seeds = '1337,1338,1339'  # one run per seed and row
-max_iters = 1000  # optimizer steps per run: 2.05M tokens, about 20 passes over the training subset
-train_tokens = 100000  # size of the training subset (cut after a whole document)
-vocab_size = 8192  # > 0: keep the vocab_size - 1 most frequent GPT-2 ids of the subset, the rest become one id
-data_dir = 'data'  # wiki_sample is prepared here if missing; the subset goes to data_dir/wiki_repro
-out_root = 'out/repro'  # run folders (checkpoints)
-results_dir = 'results/repro'  # finished runs' metrics, the table and the charts (commit these)
-report_only = False  # skip training, rebuild the table and charts
-# the scale: the seed's 26 layers x 144 (9 heads of 16) learned / x 156 (12 heads of 13) baseline
-# at context 200 becomes 6 layers x 96 (6 heads of 16) / x 104 (8 heads of 13) at context 128
-learned_shape = 'n_layer=6,n_embd=96,n_head=6'
-baseline_shape = 'n_layer=6,n_embd=104,n_head=8'
-train_args = ('block_size=128,batch_size=16,gradient_accumulation_steps=1,learning_rate=2e-3,min_lr=2e-4,'
-              'warmup_iters=30,eval_interval=100,eval_iters=20,log_interval=10')
+rows = ','.join(ROWS)  # which rows to run (config/<row>.py each)
+seed0 = 1337  # seeds are seed0, seed0 + 1, ...
+min_seeds = 5  # seeds of every priority row (run first, seed-major)
+min_seeds_other = 3  # seeds of every other row
+max_seeds = 8  # seeds are added to a comparison until its interval is within +-target_ci or it has this many
+target_ci = 0.04  # half-width (nats) of the paired 95% interval of the primary endpoint to reach
+max_iters = 4000  # optimizer steps per run
+train_tokens = 400000  # size of the training subset, in tokens of the cut tokenizer (cut after a whole document)
+val_tokens = 0  # 0: the whole val split; > 0: its first documents up to this many tokens (tests)
+vocab_size = 2048  # GPT-2's first vocab_size - 1 ranks + <|endoftext|>
+learning_rate = 2e-3  # shared by every row (calibrated); min_lr is a tenth of it
+learned_shape = 'n_layer=4,n_embd=48,n_head=3'  # learned rows: 3 heads of 16 (the seed: 26 x 144, 9 heads of 16)
+baseline_shape = 'n_layer=4,n_embd=52,n_head=4'  # baseline and MoE rows: 4 heads of 13 (the seed: 26 x 156, 12 of 13)
+train_args = ('block_size=128,batch_size=32,gradient_accumulation_steps=1,warmup_iters=300,'  # other train.py settings
+              'eval_interval=200,eval_windows=all,log_interval=20,compile=False,dtype=auto')
+data_dir = 'data'  # wiki_sample is prepared here if missing; the study's data goes to data_dir/study_v*_t*
+out_root = 'out/study'  # run folders (checkpoints)
+results_dir = 'results/study'  # finished runs' metrics and config, the tables and the charts (commit these)
+report_only = False  # skip training, rebuild the tables and charts
+calibrate = False  # run the calibration pilot instead of the sweep: results_dir/calibration.md
+calib_tokens = '200000,400000,800000'  # pilot: train subset sizes, baseline and baseline_dropout0.2 at max_iters
+calib_lrs = '1e-3,2e-3,4e-3'  # pilot: learning rates, baseline and learned_shift0 on train_tokens
+calib_iters = 1000  # pilot: steps of the learning-rate runs
 # -----------------------------------------------------------------------------
 
 
-def prepare_subset():
-    """data_dir/wiki_repro: the first train_tokens tokens of wiki_sample's train split (cut after a
-    whole document) and its whole val split. With vocab_size > 0, both are re-encoded to the
-    vocab_size - 1 most frequent GPT-2 ids of the training subset (new id = frequency rank) plus
-    one id for every other token; gpt2_ids.npy maps the new ids back."""
-    src = os.path.join(data_dir, 'wiki_sample')
-    dst = os.path.join(data_dir, 'wiki_repro')
-    if not os.path.exists(os.path.join(src, 'meta.json')):
-        import prepare_wiki
-        prepare_wiki.main(['--source=sample', f'--data_dir={data_dir}'])
-    meta_path = os.path.join(dst, 'meta.json')
-    recipe = {'train_tokens': train_tokens, 'vocab_size': vocab_size}
-    if os.path.exists(meta_path) and json.load(open(meta_path)).get('subset') == recipe:
-        return
-    with open(os.path.join(src, 'meta.json')) as f:
-        meta = json.load(f)
-    train = np.memmap(os.path.join(src, 'train.bin'), dtype=np.uint16, mode='r')
-    val = np.memmap(os.path.join(src, 'val.bin'), dtype=np.uint16, mode='r')
-    ends = np.flatnonzero(train[:train_tokens] == meta['eot_token'])
-    if len(ends) == 0:
-        sys.exit(f"reproduce.py: error: train_tokens={train_tokens} holds no whole document; raise it")
-    train = np.asarray(train[:ends[-1] + 1])
-    val = np.asarray(val)
-    meta.update(train_tokens=len(train), train_docs=len(ends), subset=recipe,
-                source_detail=f"first {len(ends)} documents of wiki_sample's train split")
-    os.makedirs(dst, exist_ok=True)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    ids_path = os.path.join(dst, 'gpt2_ids.npy')
-    if os.path.exists(ids_path):
-        os.remove(ids_path)
-    if vocab_size:
-        counts = np.bincount(train, minlength=meta['vocab_size'])
-        gpt2_ids = np.argsort(-counts, kind='stable')[:vocab_size - 1]  # most frequent first
-        new_id = reduced_id_map(gpt2_ids, meta['vocab_size'])  # the rest -> vocab_size - 1, the 'other' id
-        train, val = new_id[train], new_id[val]
-        np.save(ids_path, gpt2_ids)
-        meta.update(vocab_size=vocab_size, eot_token=int(new_id[meta['eot_token']]),
-                    tokenizer=meta['tokenizer'] + f'; re-encoded to the {vocab_size - 1} most frequent ids of '
-                    f'the training subset + 1 other ({(train < vocab_size - 1).mean():.1%} of training tokens kept)')
-    for name, arr in (('train.bin', train), ('val.bin', val)):
-        arr.astype(np.uint16).tofile(os.path.join(dst, name + '.tmp'))
-        os.replace(os.path.join(dst, name + '.tmp'), os.path.join(dst, name))
-    with open(meta_path + '.tmp', 'w') as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + '.tmp', meta_path)
+def fail(message):
+    sys.exit(f"reproduce.py: error: {message}")
 
 
-def finished(run):
-    """The run's final evaluation (the record at max_iters), or None if it has not finished."""
-    path = os.path.join(results_dir, run, 'metrics.jsonl')
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    return next((r for r in recs if 'val/loss' in r and r['iter'] == max_iters), None)
-
-
-def run_one(row, seed):
-    run = f'{row}_s{seed}'
-    out_dir = os.path.join(out_root, run)
-    shape = learned_shape if row.startswith('learned') else baseline_shape
-    resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-    cmd = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', f'{row}.py'),
-           f'--out_dir={out_dir}', f'--data_dir={data_dir}', '--dataset=wiki_repro', f'--seed={seed}',
-           f'--max_iters={max_iters}', f'--lr_decay_iters={27 * max_iters}', f'--wandb_run_name={row}',
-           '--compile=False', '--init_from=resume' if resume else '--init_from=scratch', '--overwrite=True']
-    cmd += [f'--{kv}' for kv in f'{shape},{train_args}'.split(',')]
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"reproduce.py: error: {run} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-    dst = os.path.join(results_dir, run)
-    os.makedirs(dst, exist_ok=True)
-    for f in ('metrics.jsonl', 'config.json'):
-        shutil.copy(os.path.join(out_dir, f), os.path.join(dst, f + '.tmp'))
-        os.replace(os.path.join(dst, f + '.tmp'), os.path.join(dst, f))
-    print(f"{run}: done in {time.time() - t0:.0f} s{' (resumed)' if resume else ''}", flush=True)
-
-
-def summarize(row, seed_list):
-    """Per-run final numbers of a row, for the runs that finished."""
-    out = []
-    for seed in seed_list:
-        run = f'{row}_s{seed}'
-        final = finished(run)
-        if final is None:
-            continue
-        with open(os.path.join(results_dir, run, 'metrics.jsonl')) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        steps = [r for r in recs if 'loss' in r]
-        with open(os.path.join(results_dir, run, 'config.json')) as f:
-            conf = json.load(f)
-        last = steps[-max(1, len(steps) // 10):]  # the last 10% of logged steps
-        out.append({'seed': seed, 'train': final['train/loss'], 'val': final['val/loss'],
-                    'best_val': min(r['val/loss'] for r in recs if 'val/loss' in r),
-                    'keep': statistics.mean(r['keep'] for r in last) if 'keep' in steps[-1] else None,
-                    'val_keep': final.get('val/keep'), 'params': conf['num_params'],
-                    'ms': statistics.median(r['ms_per_iter'] for r in steps[1:] or steps)})
+def parse_kv(text):
+    """'a=1,b=x' -> {'a': 1, 'b': 'x'} (values as configurator reads them)."""
+    import ast
+    out = {}
+    for item in filter(None, text.split(',')):
+        key, _, raw = item.partition('=')
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (SyntaxError, ValueError):
+            out[key] = raw
     return out
 
 
-def mean_std(values, digits=3, signed=False):
+def row_config(row):
+    """The settings a config file makes (executed as configurator does)."""
+    import types
+    scope = {}
+    with open(os.path.join(HERE, 'config', f'{row}.py')) as f:
+        exec(compile(f.read(), f.name, 'exec'), {}, scope)
+    return {k: v for k, v in scope.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
+
+
+# ----------------------------------------------------------------------------- data
+
+def dataset_name(tokens=None):
+    return f'study_v{vocab_size}_t{tokens or train_tokens}' + (f'_val{val_tokens}' if val_tokens else '')
+
+
+def first_documents(ids, eot, limit):
+    """ids cut after the last whole document within the first limit tokens."""
+    ends = np.flatnonzero(ids[:limit] == eot)
+    if len(ends) == 0:
+        fail(f"the first {limit} tokens hold no whole document; raise train_tokens / val_tokens")
+    return ids[:ends[-1] + 1]
+
+
+def prepare_data(tokens=None):
+    """data_dir/<dataset_name>: wiki_sample re-tokenized with GPT-2 cut to vocab_size - 1 ranks; train = its
+    first documents up to `tokens` tokens, val = its whole val split (or val_tokens of it). Written to
+    temporaries and renamed, meta.json (which records the recipe) last; redone only if the recipe changed."""
+    from runtime import tmp_name
+    from tokenizer import get_gpt2, get_gpt2_cut
+    tokens = tokens or train_tokens
+    src = os.path.join(data_dir, 'wiki_sample')
+    dst = os.path.join(data_dir, dataset_name(tokens))
+    if not os.path.exists(os.path.join(src, 'meta.json')):
+        import prepare_wiki
+        prepare_wiki.main(['--source=sample', f'--data_dir={data_dir}'])
+    with open(os.path.join(src, 'meta.json')) as f:
+        src_meta = json.load(f)
+    recipe = {'source': src_meta['recipe'], 'tokenizer_cut': vocab_size - 1, 'train_tokens': tokens,
+              'val_tokens': val_tokens}
+    meta_path = os.path.join(dst, 'meta.json')
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f).get('subset') == recipe:
+                return dst
+    gpt2, cut = get_gpt2(), get_gpt2_cut(vocab_size - 1)
+    eot = vocab_size - 1
+    splits, docs = {}, {}
+    for split, limit in (('train', tokens), ('val', val_tokens)):
+        ids = np.fromfile(os.path.join(src, f'{split}.bin'), dtype=np.uint16)
+        if limit:  # a GPT-2 token is one or more cut tokens: 4 * limit of them hold more than enough
+            ids = first_documents(ids, src_meta['eot_token'], 4 * limit)
+        # documents are separated by <|endoftext|>, which tiktoken splits at first: one call = per document
+        text = gpt2.decode(ids.tolist())
+        ids = np.array(cut.encode(text, allowed_special={'<|endoftext|>'}), dtype=np.uint16)
+        if len(ids) < limit:  # the whole split is shorter
+            fail(f"{split}: {limit:,} tokens asked for, but the sample's {split} split has only {len(ids):,}")
+        splits[split] = first_documents(ids, eot, limit) if limit else ids
+        docs[split] = int((splits[split] == eot).sum())
+    meta = {'vocab_size': vocab_size, 'eot_token': eot, 'tokenizer_cut': vocab_size - 1, 'dtype': 'uint16',
+            'train_tokens': len(splits['train']), 'val_tokens': len(splits['val']),
+            'train_docs': docs['train'], 'val_docs': docs['val'], 'source': 'sample',
+            'source_detail': f"the first {docs['train']} train documents and {docs['val']} val documents of "
+                             f"{src}, re-tokenized", 'tokenizer': f'GPT-2 BPE cut to its first {vocab_size - 1} '
+                             f'ranks + <|endoftext|> = {eot} (tokenizer.get_gpt2_cut)',
+            'subset': recipe}
+    os.makedirs(dst, exist_ok=True)
+    if os.path.exists(meta_path):  # without meta.json the folder reads as incomplete while the bins change
+        os.remove(meta_path)
+    for split, arr in splits.items():
+        path = os.path.join(dst, f'{split}.bin')
+        arr.tofile(tmp_name(path))
+        os.replace(tmp_name(path), path)
+    with open(tmp_name(meta_path), 'w') as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp_name(meta_path), meta_path)
+    print(f"wrote {dst}: train {meta['train_tokens']:,} tokens ({docs['train']:,} docs), "
+          f"val {meta['val_tokens']:,} tokens ({docs['val']:,} docs), vocabulary {vocab_size}")
+    return dst
+
+
+# ----------------------------------------------------------------------------- runs
+
+def run_settings(row, seed, iters=None, lr=None, tokens=None):
+    """The train.py overrides of one run (on top of config/<row>.py)."""
+    cfg = row_config(row)
+    shape = parse_kv(learned_shape if cfg['model_type'] == 'learned' else baseline_shape)
+    if cfg.get('expert_hidden'):  # an explicit expert width scales with the model's
+        shape['expert_hidden'] = cfg['expert_hidden'] * shape['n_embd'] // SEED_WIDTH[cfg['model_type']]
+    iters, lr = iters or max_iters, lr or learning_rate
+    return {**shape, **parse_kv(train_args), 'dataset': dataset_name(tokens), 'seed': seed, 'max_iters': iters,
+            'learning_rate': lr, 'min_lr': lr / 10, 'lr_decay_iters': round(iters * 700000 / 26000)}
+
+
+def read_records(path):
+    from runtime import read_jsonl
+    return read_jsonl(path, warn=lambda msg: print(msg, file=sys.stderr))
+
+
+def final_eval(folder, iters):
+    """The run's evaluation at iters (its end), or None."""
+    path = os.path.join(folder, 'metrics.jsonl')
+    if not os.path.exists(path):
+        return None
+    return next((r for r in read_records(path) if 'val/loss' in r and r['iter'] == iters), None)
+
+
+def finished(dst, settings):
+    """True when dst holds a finished run of these settings; an error if it holds another design's run."""
+    if final_eval(dst, settings['max_iters']) is None:
+        return False
+    with open(os.path.join(dst, 'config.json')) as f:
+        conf = json.load(f)
+    for k, v in settings.items():
+        if conf.get(k) != v and v != 'auto':  # config.json holds what 'auto' chose (dtype, device)
+            fail(f"{dst} was trained with {k}={conf.get(k)!r}, this study has {k}={v!r}: point --results_dir "
+                 f"and --out_root elsewhere for a new design (or remove the old runs)")
+    return True
+
+
+stop_signal = None
+
+
+def run_one(name, row, settings, dst):
+    """Train (or resume) out_root/name, then copy its metrics and config to dst. SIGINT/SIGTERM stop
+    the run (train.py saves a checkpoint) and the sweep; the same command resumes it."""
+    global stop_signal
+    out_dir = os.path.join(out_root, name)
+    resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
+    cmd = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', f'{row}.py'),
+           f'--out_dir={out_dir}', f'--data_dir={data_dir}', f'--wandb_run_name={row}',
+           '--init_from=resume' if resume else '--init_from=scratch', '--overwrite=True']
+    cmd += [f'--{k}={v}' for k, v in settings.items()]
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, 'train.log')
+    t0 = time.time()
+    with open(log_path, 'a') as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+        def forward(signum, frame):
+            global stop_signal
+            stop_signal = signal.Signals(signum).name
+            child.send_signal(signum)
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = child.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    if code != 0:
+        with open(log_path) as f:
+            last = [line.strip() for line in f if line.strip()][-1:]
+        fail(f"{name} failed (exit {code}): {last[0] if last else '?'} (log: {log_path})")
+    if final_eval(out_dir, settings['max_iters']) is None:
+        sys.exit(f"reproduce.py: {name} stopped{f' by {stop_signal}' if stop_signal else ''} before its end; "
+                 f"its checkpoint is saved: run the same command again to resume")
+    os.makedirs(dst, exist_ok=True)
+    for f in ('metrics.jsonl', 'config.json'):
+        from runtime import tmp_name
+        shutil.copy(os.path.join(out_dir, f), tmp_name(os.path.join(dst, f)))
+        os.replace(tmp_name(os.path.join(dst, f)), os.path.join(dst, f))
+    print(f"{name}: done in {time.time() - t0:.0f} s{' (resumed)' if resume else ''}", flush=True)
+    if stop_signal:
+        sys.exit(f"reproduce.py: stopped by {stop_signal}; run the same command again to go on")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def t_cdf(t, df):
+    """P(T <= t) for Student's t with df degrees of freedom (Simpson's rule on the density)."""
+    x = abs(t)
+    if math.isinf(x):
+        return 1.0 if t > 0 else 0.0
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    pdf = lambda u: c * (1 + u * u / df) ** (-(df + 1) / 2)  # noqa: E731
+    n = 2 * max(100, int(100 * x))  # even, fine enough for 1e-9 over [0, x]
+    h = x / n
+    area = pdf(0) + pdf(x) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n))
+    half = area * h / 3
+    return 0.5 + half if t >= 0 else 0.5 - half
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(p, df):
+    """The t with P(T <= t) = p, by bisection (p in (0.5, 1))."""
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(diffs):
+    """Mean, SD, half-width of the 95% t-interval, n and two-sided p of paired differences; the
+    spread fields are None with fewer than 2."""
+    n = len(diffs)
+    out = {'n': n, 'mean': statistics.mean(diffs) if diffs else None, 'sd': None, 'half': None, 'p': None}
+    if n >= 2:
+        sd = statistics.stdev(diffs)
+        se = sd / math.sqrt(n)
+        out.update(sd=sd, half=t_quantile(0.975, n - 1) * se,
+                   p=(0.0 if out['mean'] else 1.0) if se == 0 else 2 * (1 - t_cdf(abs(out['mean']) / se, n - 1)))
+    return out
+
+
+def holm(pvalues, alpha=0.05):
+    """{name: rejected} by Holm's step-down: the k-th smallest p (k = 1..m) is rejected when it is
+    <= alpha / (m - k + 1) and every smaller one was."""
+    order = sorted(pvalues, key=pvalues.get)
+    out, going = {}, True
+    for k, name in enumerate(order):
+        going = going and pvalues[name] <= alpha / (len(order) - k)
+        out[name] = going
+    return out
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+def endpoints(folder, iters):
+    """The declared endpoints of one finished run (see the docstring)."""
+    recs = read_records(os.path.join(folder, 'metrics.jsonl'))
+    evals = sorted({r['iter']: r for r in recs if 'val/loss' in r}.values(), key=lambda r: r['iter'])
+    steps = [r for r in recs if 'loss' in r]
+    tail = steps[-max(1, len(steps) // 10):]
+    with open(os.path.join(folder, 'config.json')) as f:
+        conf = json.load(f)
+    out = {'primary': statistics.mean(r['val/loss'] for r in evals[-3:]), 'best_val': min(r['val/loss'] for r in evals),
+           'final_val': evals[-1]['val/loss'], 'final_train': evals[-1]['train/loss'],
+           'curve': [(r['train/loss'], r['val/loss']) for r in evals],
+           'ms': statistics.median([r['ms_per_iter'] for r in steps if 'ms_per_iter' in r] or [float('nan')]),
+           'keep_train': None, 'keep_eval': None, 'keep_change': None, 'settled': None, 'load_entropy': None,
+           **cost(conf)}
+    if 'keep' in steps[-1]:
+        quarter = min(evals, key=lambda r: abs(r['iter'] - 0.75 * iters))
+        out.update(keep_train=statistics.mean(r['keep'] for r in tail), keep_eval=evals[-1]['val/keep'],
+                   keep_change=evals[-1]['val/keep'] - quarter['val/keep'])
+        out['settled'] = abs(out['keep_change']) < 0.02
+    if 'load_entropy' in steps[-1]:
+        out['load_entropy'] = statistics.mean(r['load_entropy'] for r in tail)
+    return out
+
+
+def val_at_train(curve, tau):
+    """Val CE at the last time the train CE crossed tau, interpolated linearly in train CE between the two
+    evaluations around it; None if it never got down to tau."""
+    for (t0, v0), (t1, v1) in zip(curve[-2::-1], curve[::-1]):  # (earlier, later) pairs, latest first
+        if t1 <= tau <= t0:
+            return v1 if t0 == t1 else v1 + (v0 - v1) * (tau - t1) / (t0 - t1)
+    return None
+
+
+def fit_matched(a, b):
+    """Val of run a minus val of run b at the same train CE: tau = the higher final train CE of the two."""
+    tau = max(a['final_train'], b['final_train'])
+    va, vb = val_at_train(a['curve'], tau), val_at_train(b['curve'], tau)
+    return None if va is None or vb is None else va - vb
+
+
+def cost(conf):
+    """Parameters (total, active per token) and training FLOPs per token of the run's model."""
+    import dataclasses
+    import importlib
+    module = importlib.import_module({'learned': 'model', 'baseline': 'baseline_model', 'moe': 'moe_model'}[conf['model_type']])
+    fields = {f.name: conf[f.name] for f in dataclasses.fields(module.GPTConfig) if f.name in conf}
+    m = module.GPT(module.GPTConfig(**fields))
+    total = m.get_num_params()
+    active = m.get_num_active_params() if hasattr(m, 'get_num_active_params') else total
+    return {'params': total, 'active': active, 'flops': m.flops_per_token()}
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def seed_of(k):
+    return seed0 + k
+
+
+def collect(row_list):
+    """{row: {seed index: endpoints}} of the finished runs in results_dir."""
+    out = {}
+    for row in row_list:
+        out[row] = {}
+        for k in range(max(max_seeds, min_seeds, min_seeds_other)):
+            settings = run_settings(row, seed_of(k))
+            dst = os.path.join(results_dir, f'{row}_s{seed_of(k)}')
+            if finished(dst, settings):
+                out[row][k] = endpoints(dst, settings['max_iters'])
+    return out
+
+
+def comparisons(row_list):
+    """(row, reference) pairs: every row against each reference, baseline_dropout0.2 against baseline once."""
+    return [(row, ref) for ref in REFS if ref in row_list for row in row_list
+            if row != ref and not (row in REFS and REFS.index(row) < REFS.index(ref))]
+
+
+def next_run(row_list, done):
+    """(seed index, row) to run next, or None when the study is complete: the fixed plan first, then
+    the seeds that the open comparisons need (lowest seed first, then priority order). Seed-major: a
+    partial sweep has every row of a group at the same number of seeds, give or take one."""
+    first, rest = [r for r in PRIORITY if r in row_list], [r for r in row_list if r not in PRIORITY]
+    order = first + rest
+    for group, n in ((first, min_seeds), (rest, min_seeds_other)):  # the priority rows' seeds first
+        for k in range(n):
+            for row in group:
+                if k not in done[row]:
+                    return k, row
+    need = []
+    for row, ref in comparisons(row_list):
+        both = sorted(set(done[row]) & set(done[ref]))
+        if len(both) >= max_seeds:
+            continue
+        s = paired([done[row][k]['primary'] - done[ref][k]['primary'] for k in both])
+        if s['half'] is not None and s['half'] <= target_ci:
+            continue
+        k = min(set(range(max_seeds)) - set(both))
+        need += [(k, order.index(r), r) for r in (row, ref) if k not in done[r]]
+    return min(need)[::2] if need else None
+
+
+def sweep(row_list):
+    t0, n = time.time(), 0
+    while True:
+        done = collect(row_list)
+        nxt = next_run(row_list, done)
+        if nxt is None:
+            break
+        k, row = nxt
+        name = f'{row}_s{seed_of(k)}'
+        run_one(name, row, run_settings(row, seed_of(k)), os.path.join(results_dir, name))
+        n += 1
+    print(f"sweep: {n} run(s) this invocation, {(time.time() - t0) / 60:.1f} min; the study is complete")
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt(x, digits=3, signed=False):
+    return '-' if x is None else f"{x:{'+' if signed else ''}.{digits}f}"
+
+
+def mean_sd(values, digits=3):
     values = [v for v in values if v is not None]
     if not values:
         return '-'
-    mean = f'{statistics.mean(values):{"+" if signed else ""}.{digits}f}'
-    return mean if len(values) == 1 else f'{mean} ± {statistics.stdev(values):.{digits}f}'
+    return fmt(statistics.mean(values), digits) + (f' ± {statistics.stdev(values):.{digits}f}' if len(values) > 1 else '')
 
 
-def report(seed_list):
-    header = ['run', 'seeds', 'params', 'train CE', 'val CE', 'best val CE', 'Δ val vs baseline', 'Δ best val',
-              'keep (train)', 'keep (val, eval)', 'ms/step', 'seed train', 'seed val', 'seed keep']
-    table, csv_rows = [], []
-    baseline = {r['seed']: r for r in summarize('baseline', seed_list)}
-    for row in ROWS:
-        runs = summarize(row, seed_list)
-        st, sv, sk = SEED_RESULTS[row]
-        if not runs:
-            continue
-        # paired by seed: runs of one seed share the data order's luck (e.g. when they leave the
-        # early plateau), which the spread across seeds mixes in
-        paired = [(r, baseline[r['seed']]) for r in runs if r['seed'] in baseline and row != 'baseline']
-        table.append([row, str(len(runs)), f"{runs[0]['params']:,}", mean_std([r['train'] for r in runs]),
-                      mean_std([r['val'] for r in runs]), mean_std([r['best_val'] for r in runs]),
-                      mean_std([r['val'] - b['val'] for r, b in paired], signed=True),
-                      mean_std([r['best_val'] - b['best_val'] for r, b in paired], signed=True),
-                      mean_std([r['keep'] for r in runs], 4), mean_std([r['val_keep'] for r in runs], 4),
-                      f"{statistics.median(r['ms'] for r in runs):.0f}", f'{st}', f'{sv}', f'{sk}' if sk else '-'])
-        for r in runs:
-            csv_rows.append({'row': row, **r})
+def interval(s, digits=3):
+    if s['mean'] is None:
+        return '-'
+    if s['half'] is None:
+        return f"{s['mean']:+.{digits}f} (n={s['n']})"
+    return (f"{s['mean']:+.{digits}f} [{s['mean'] - s['half']:+.{digits}f}, {s['mean'] + s['half']:+.{digits}f}] "
+            f"(n={s['n']})")
+
+
+def design_table(row_list):
+    """The seed's design next to this study's, as markdown lines."""
+    ta = parse_kv(train_args)
+    meta_path = os.path.join(results_dir, 'data.json')  # the study's data's meta.json, kept with the results
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    n_train = meta.get('train_tokens', train_tokens)
+    sizes = model_sizes()
+    tok_step = ta['batch_size'] * ta.get('gradient_accumulation_steps', 1) * ta['block_size']
+    lr = learning_rate
+    return [
+        '| | seed (METHOD.md §6) | this study |', '|---|---|---|',
+        f"| parameters (learned / baseline) | 15,335,424 / 15,441,192 (26 layers × 144 / × 156) | "
+        f"{sizes['learned']:,} / {sizes['baseline']:,} ({learned_shape} / {baseline_shape}; "
+        f"{sizes['learned'] / sizes['baseline'] - 1:+.2%}) |",
+        f"| train tokens | 38.3M | {n_train:,} (the first {meta.get('train_docs', '?')} documents of the embedded sample's "
+        f"train split) |",
+        f"| val tokens | 4.3M, 200 random batches per split | {meta.get('val_tokens', '?'):,} (the whole val split, every "
+        f"window of {ta['block_size']}) |" if meta else "| val tokens | 4.3M | (data not prepared yet) |",
+        f"| train tokens per parameter | 2.5 | {n_train / sizes['baseline']:.2f} |",
+        f"| passes over the train split | 109 | {max_iters * tok_step / n_train:.3g} |",
+        f"| steps | 26,000 | {max_iters:,} |",
+        f"| batch (tokens per step) | 50 × 16 × 200 (160,000) | {ta['batch_size']} × "
+        f"{ta.get('gradient_accumulation_steps', 1)} × {ta['block_size']} ({tok_step:,}) |",
+        f"| learning rate | 9e-4, 300 warm-up steps, cosine to 9e-5 over 700k steps | {lr:g}, {ta['warmup_iters']} "
+        f"warm-up steps, cosine to {lr / 10:g} over {round(max_iters * 700000 / 26000):,} steps |",
+        f"| vocabulary | GPT-2, 50,257 | GPT-2 cut to its first {vocab_size - 1:,} ranks + <\\|endoftext\\|> ({vocab_size:,}) |",
+        f"| evaluation | every 500 steps | every {ta['eval_interval']} steps |",
+        f"| seeds | 1 per row | {min_seeds} (priority rows) / {min_seeds_other} (others), more up to {max_seeds} "
+        f"until a paired 95% interval is within ±{target_ci} |",
+    ]
+
+
+def report(row_list):
+    done = collect(row_list)
+    rows_done = [r for r in row_list if done[r]]
+    if not rows_done:
+        fail(f"no finished runs of this design in {results_dir}; run the sweep first (python reproduce.py) "
+             f"or point --results_dir at its results")
+    md = ['# Reproduction v2: results', '', '## Design', ''] + design_table(row_list)
+    # per row
+    head = ['row', 'seeds', 'params (active)', 'FLOPs/token', 'val CE, last 3 evals (primary)', 'best val CE',
+            'final train CE', 'keep (train)', 'keep (eval)', 'keep settled', 'load entropy', 'ms/step',
+            'seed train', 'seed val', 'seed keep']
+    md += ['', '## Results (mean ± SD over seeds)', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for row in rows_done:
+        runs = list(done[row].values())
+        r0 = runs[0]
+        st, sv, sk = SEED_RESULTS.get(row, (None, None, None))
+        settled = [r['settled'] for r in runs if r['settled'] is not None]
+        md.append('| ' + ' | '.join([
+            row, str(len(runs)), f"{r0['params']:,}" + (f" ({r0['active']:,})" if r0['active'] != r0['params'] else ''),
+            f"{r0['flops'] / 1e6:.2f}M", mean_sd([r['primary'] for r in runs]), mean_sd([r['best_val'] for r in runs]),
+            mean_sd([r['final_train'] for r in runs]), mean_sd([r['keep_train'] for r in runs], 4),
+            mean_sd([r['keep_eval'] for r in runs], 4), f"{sum(settled)}/{len(settled)}" if settled else '-',
+            mean_sd([r['load_entropy'] for r in runs]), f"{statistics.median(r['ms'] for r in runs):.0f}",
+            fmt(st), fmt(sv), fmt(sk, 4)]) + ' |')
+    # paired differences
+    stats = {}
+    for row, ref in comparisons(rows_done):
+        both = sorted(set(done[row]) & set(done[ref]))
+        a, b = [done[row][k] for k in both], [done[ref][k] for k in both]
+        fm = [fit_matched(x, y) for x, y in zip(a, b)]
+        stats[row, ref] = {'primary': paired([x['primary'] - y['primary'] for x, y in zip(a, b)]),
+                           'best_val': paired([x['best_val'] - y['best_val'] for x, y in zip(a, b)]),
+                           'fit': paired([d for d in fm if d is not None]), 'fit_missing': fm.count(None),
+                           'train': paired([x['final_train'] - y['final_train'] for x, y in zip(a, b)])}
+    tested = {key: s['primary']['p'] for key, s in stats.items() if s['primary']['p'] is not None}
+    rejected = holm(tested)
+    head = ['row', 'vs', 'Δ primary [95% CI] (n)', 'p', f'Holm (5%, m={len(tested)})', 'Δ best val [95% CI]',
+            'Δ val at equal train CE [95% CI]', 'Δ final train CE [95% CI]', 'seed Δ val']
+    md += ['', '## Paired differences (row − reference, same seed; nats)', '',
+           'Primary comparisons are Holm-corrected together; "distinguishable" means the difference from zero '
+           'survives the correction. Secondary columns: uncorrected 95% intervals.', '',
+           '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    csv_diffs = []
+    for (row, ref), s in stats.items():
+        seed_d = (SEED_RESULTS[row][1] - SEED_RESULTS[ref][1]) if row in SEED_RESULTS else None
+        verdict = '-' if (row, ref) not in rejected else ('distinguishable' if rejected[row, ref] else 'not distinguishable')
+        fit = interval(s['fit']) + (f", {s['fit_missing']} seed(s) unmatched" if s['fit_missing'] else '')
+        md.append('| ' + ' | '.join([row, ref, interval(s['primary']), fmt(s['primary']['p'], 4), verdict,
+                                      interval(s['best_val']), fit, interval(s['train']), fmt(seed_d, 3, True)]) + ' |')
+        for endpoint in ('primary', 'best_val', 'fit', 'train'):
+            e = s[endpoint]
+            csv_diffs.append({'row': row, 'reference': ref, 'endpoint': endpoint, 'n': e['n'], 'mean': e['mean'],
+                              'sd': e['sd'], 'ci_low': None if e['half'] is None else e['mean'] - e['half'],
+                              'ci_high': None if e['half'] is None else e['mean'] + e['half'], 'p': e['p'],
+                              'holm_rejected': rejected.get((row, ref)) if endpoint == 'primary' else None})
     os.makedirs(results_dir, exist_ok=True)
-    md = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(t) + ' |' for t in table]
-    with open(os.path.join(results_dir, 'results.md'), 'w') as f:
-        f.write('\n'.join(md) + '\n')
-    with open(os.path.join(results_dir, 'results.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=['row', 'seed', 'train', 'val', 'best_val', 'keep', 'val_keep', 'params', 'ms'])
-        w.writeheader()
-        w.writerows(csv_rows)
+    from runtime import atomic_write
+
+    def write_text(path, text):
+        atomic_write(path, lambda tmp: open(tmp, 'w').write(text), os.path.basename(path))
+
+    def write_csv(path, records):
+        def write(tmp):
+            with open(tmp, 'w', newline='') as f:
+                w = csv.DictWriter(f, fieldnames=list(records[0]))
+                w.writeheader()
+                w.writerows(records)
+        atomic_write(path, write, os.path.basename(path))
+    write_text(os.path.join(results_dir, 'results.md'), '\n'.join(md) + '\n')
+    per_run = [{'row': row, 'seed': seed_of(k), **{c: v for c, v in e.items() if c != 'curve'}}
+               for row in rows_done for k, e in sorted(done[row].items())]
+    write_csv(os.path.join(results_dir, 'results.csv'), per_run)
+    if csv_diffs:
+        write_csv(os.path.join(results_dir, 'differences.csv'), csv_diffs)
     print('\n'.join(md))
-    first = [f'{row}_s{seed_list[0]}' for row in ROWS if finished(f'{row}_s{seed_list[0]}')]
-    if first:
-        import plot
-        plot.main([os.path.join(results_dir, r) for r in first] + [f'--out={results_dir}'])
+    import plot
+    folders = [os.path.join(results_dir, f'{row}_s{seed_of(k)}') for row in rows_done for k in sorted(done[row])]
+    plot.main(folders + ['--bands', f'--out={results_dir}'])
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def calibration():
+    """The pilot, one seed: (1) learning rates, baseline and learned_shift0 at calib_iters steps on train_tokens;
+    (2) train subset sizes, baseline and baseline_dropout0.2 at max_iters steps. results_dir/calibration.md is
+    rewritten after every run, so a pilot stopped half way shows what it has; run again to go on."""
+    plan = [('lr', row, train_tokens, calib_iters, float(lr)) for lr in calib_lrs.split(',')
+            for row in ('baseline', 'learned_shift0')]
+    plan += [('subset', row, int(t), max_iters, learning_rate) for t in calib_tokens.split(',')
+             for row in ('baseline', 'baseline_dropout0.2')]
+    done = {}
+    for part, row, tokens, iters, lr in plan:
+        prepare_data(tokens)
+        name = f'{row}_t{tokens}_i{iters}_lr{lr:g}'
+        settings = run_settings(row, seed0, iters=iters, lr=lr, tokens=tokens)
+        dst = os.path.join(results_dir, 'calibration', name)
+        if not finished(dst, settings):
+            run_one(os.path.join('calibration', name), row, settings, dst)
+        done[part, row, tokens, lr] = (endpoints(dst, iters), read_records(os.path.join(dst, 'metrics.jsonl')))
+        write_calibration(done)
+
+
+def write_calibration(done):
+    ta = parse_kv(train_args)
+    tok_step = ta['batch_size'] * ta.get('gradient_accumulation_steps', 1) * ta['block_size']
+    md = ['# Calibration pilot', '', f'Seed {seed0}, one run per cell; cross-entropy on every window of the val '
+          f'split (eval mode); the learning rate is shared by every row and min_lr is a tenth of it.', '',
+          f'## Learning rate ({calib_iters} steps on {train_tokens:,} train tokens, {ta["warmup_iters"]} warm-up steps)',
+          '', '| learning rate | baseline final val | learned_shift0 final val | learned_shift0 train keep: at the end '
+          'of warm-up, lowest, at the end |', '|---|---|---|---|']
+    for lr in [float(x) for x in calib_lrs.split(',')]:
+        b, lrn = done.get(('lr', 'baseline', train_tokens, lr)), done.get(('lr', 'learned_shift0', train_tokens, lr))
+        keep = '-'
+        if lrn:
+            steps = [r for r in lrn[1] if 'keep' in r]
+            warm = min(steps, key=lambda r: abs(r['iter'] - ta['warmup_iters']))
+            keep = f"{warm['keep']:.3f}, {min(r['keep'] for r in steps):.3f}, {lrn[0]['keep_train']:.3f}"
+        md.append(f"| {lr:g} | {fmt(b and b[0]['final_val'])} | {fmt(lrn and lrn[0]['final_val'])} | {keep} |")
+    md += ['', f'## Train subset size (baseline and baseline_dropout0.2, {max_iters} steps, learning rate '
+           f'{learning_rate:g})', '', '| train tokens | tokens/param | passes | baseline final val | baseline best val '
+           '(step) | baseline val change over the last quarter | dropout 0.2 final val | Δ dropout 0.2 − baseline '
+           '(primary) |', '|---|---|---|---|---|---|---|---|']
+    for tokens in [int(t) for t in calib_tokens.split(',')]:
+        b, d = done.get(('subset', 'baseline', tokens, learning_rate)), done.get(('subset', 'baseline_dropout0.2', tokens, learning_rate))
+        if not b:
+            continue
+        n = json.load(open(os.path.join(data_dir, dataset_name(tokens), 'meta.json')))['train_tokens']
+        evals = [r for r in b[1] if 'val/loss' in r]
+        best = min(evals, key=lambda r: r['val/loss'])
+        quarter = min(evals, key=lambda r: abs(r['iter'] - 0.75 * max_iters))
+        md.append(f"| {n:,} | {n / b[0]['params']:.2f} | {max_iters * tok_step / n:.3g} | {b[0]['final_val']:.3f} | "
+                  f"{b[0]['best_val']:.3f} ({best['iter']}) | {evals[-1]['val/loss'] - quarter['val/loss']:+.3f} | "
+                  f"{fmt(d and d[0]['final_val'])} | {fmt(d and d[0]['primary'] - b[0]['primary'], signed=True)} |")
+    md += ['', 'The rule: the subset where the baseline\'s val is rising at the end and dropout 0.2 beats it by about '
+           '0.1 nats; one learning rate for every row, where neither model is clearly worse and the masks do not '
+           'collapse during the warm-up.']
+    os.makedirs(results_dir, exist_ok=True)
+    from runtime import atomic_write
+    path = os.path.join(results_dir, 'calibration.md')
+    atomic_write(path, lambda tmp: open(tmp, 'w').write('\n'.join(md) + '\n'), 'calibration.md')
+    print('\n'.join(md), flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+
+def model_sizes():
+    """{'learned': parameters, 'baseline': parameters} at this study's shapes."""
+    return {kind: cost(dict(row_config(row), **run_settings(row, seed0), vocab_size=vocab_size))['params']
+            for kind, row in (('learned', 'learned_shift0'), ('baseline', 'baseline'))}
+
+
+def check_matching():
+    """Both shapes' parameter counts, which must agree within 1% as in the seed."""
+    counts = model_sizes()
+    gap = counts['learned'] / counts['baseline'] - 1
+    print(f"parameters: learned {counts['learned']:,} ({learned_shape}), baseline {counts['baseline']:,} "
+          f"({baseline_shape}): {gap:+.2%}")
+    if abs(gap) > 0.01:
+        fail(f"the learned and baseline shapes differ by {gap:+.2%} in parameters, more than 1%: adjust "
+             f"learned_shape / baseline_shape")
 
 
 RULES = {
     'rows': (f"len(x) > 0 and set(x.split(',')) <= set({ROWS!r})", f"a comma-separated list of {', '.join(ROWS)}"),
-    'seeds': ("all(s.strip().isdigit() for s in x.split(','))", "a comma-separated list of integers, e.g. 1337,1338"),
-    'max_iters': 'x >= 1', 'train_tokens': 'x >= 1',
-    'vocab_size': ('x == 0 or 2 <= x <= 50257', "0 (GPT-2's 50257 ids) or 2..50257"),
+    'seed0': 'x >= 0', 'min_seeds': 'x >= 1', 'min_seeds_other': 'x >= 1', 'max_seeds': 'x >= 1',
+    'target_ci': 'x > 0', 'max_iters': 'x >= 1', 'train_tokens': 'x >= 1', 'val_tokens': 'x >= 0',
+    'vocab_size': ('257 <= x <= 50257', "257..50257 (the 256 byte tokens + merges + <|endoftext|>)"),
+    'learning_rate': 'x > 0',
+    'calib_tokens': ("all(s.strip().isdigit() for s in x.split(','))", "a comma-separated list of integers"),
+    'calib_lrs': ("all(s.replace('.', '', 1).replace('e-', '', 1).isdigit() for s in x.split(','))",
+                  "a comma-separated list of learning rates, e.g. 1e-3,2e-3"),
+    'calib_iters': 'x >= 1',
 }
 
 
 def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
-            'rows', 'seeds', 'max_iters', 'train_tokens', 'vocab_size', 'data_dir', 'out_root', 'results_dir', 'report_only',
-            'learned_shape', 'baseline_shape', 'train_args')}, sys.argv[1:], __file__, __doc__, RULES))
+            'rows', 'seed0', 'min_seeds', 'min_seeds_other', 'max_seeds', 'target_ci', 'max_iters', 'train_tokens',
+            'val_tokens', 'vocab_size', 'learning_rate', 'learned_shape', 'baseline_shape', 'train_args', 'data_dir',
+            'out_root', 'results_dir', 'report_only', 'calibrate', 'calib_tokens', 'calib_lrs', 'calib_iters')},
+            sys.argv[1:], __file__, __doc__, RULES))
     except ConfigError as e:
-        sys.exit(f"reproduce.py: error: {e}")
+        fail(str(e))
+    if max_seeds < max(min_seeds, min_seeds_other):
+        fail(f"max_seeds ({max_seeds}) must be at least min_seeds ({min_seeds}) and min_seeds_other ({min_seeds_other})")
     row_list = rows.split(',')
-    seed_list = [int(s) for s in seeds.split(',')]
-    if report_only and not any(finished(f'{row}_s{seed}') for row in ROWS for seed in seed_list):
-        sys.exit(f"reproduce.py: error: no finished runs in {results_dir} for seeds {seeds}; run the sweep first "
-                 f"(python reproduce.py) or point --results_dir at its results")
-    if not report_only:
-        prepare_subset()
-        t0 = time.time()
-        for seed in seed_list:  # seed-major: a partial sweep covers every row once first
-            for row in row_list:
-                if finished(f'{row}_s{seed}') is None:
-                    run_one(row, seed)
-        print(f"sweep time this invocation: {(time.time() - t0) / 60:.1f} min")
-    report(seed_list)
+    if report_only:
+        report(row_list)
+        return
+    check_matching()
+    if calibrate:
+        calibration()
+        return
+    path = prepare_data()
+    os.makedirs(results_dir, exist_ok=True)
+    shutil.copy(os.path.join(path, 'meta.json'), os.path.join(results_dir, 'data.json'))
+    sweep(row_list)
+    report(row_list)
 
 
 if __name__ == '__main__':

@@ -53,7 +53,7 @@ setup_device(device_type)
 ctx = autocast(pick_dtype(dtype, device_type), device_type)
 try:
     model, ckpt = load_model(os.path.join(out_dir, checkpoint), device)
-    encode, decode = get_codec(model.config.vocab_size, ckpt.get('gpt2_ids'))
+    encode, decode = get_codec(model.config.vocab_size, ckpt.get('tokenizer_cut'))
 except (CheckpointError, TokenizerError) as e:
     fail(str(e))
 if ckpt['model_type'] == 'learned':

@@ -123,10 +123,12 @@ ROWS = [
     ('bench.py', '--gen_prompts=abc', 1, 'gen_prompts must be a comma-separated list of prompt lengths'),
     ('bench.py', '--device=bogus', 1, "device 'bogus' is not available here"),
     # reproduce.py
-    ('reproduce.py', '--seeds=abc', 1, 'seeds must be a comma-separated list of integers'),
-    ('reproduce.py', '--seeds=', 1, 'seeds must be a comma-separated list of integers'),
+    ('reproduce.py', '--min_seeds=0', 1, 'min_seeds must be >= 1'),
+    ('reproduce.py', '--calib_tokens=abc', 1, 'calib_tokens must be a comma-separated list of integers'),
+    ('reproduce.py', '--max_seeds=2', 1, 'max_seeds (2) must be at least min_seeds (5)'),
     ('reproduce.py', '--rows=foo', 1, 'rows must be a comma-separated list of'),
-    ('reproduce.py', '--report_only=True --results_dir={tmp}', 1, 'no finished runs in'),
+    ('reproduce.py', '--report_only=True --results_dir={tmp}', 1, 'no finished runs of this design in'),
+    ('reproduce.py', '--learned_shape=n_layer=4,n_embd=64,n_head=4 --results_dir={tmp}', 1, 'more than 1%'),
     # plot.py
     ('plot.py', '{run} --mask_text= --out={tmp}', 1, '--mask_text is empty'),
     ('plot.py', '{run} --mask_text=FILE:{tmp}/binary.bin --out={tmp}', 1, 'is not UTF-8 text'),

@@ -63,18 +63,26 @@ def test_ranks_hash_is_checked(tmp_path):
         tokenizer.load_ranks(str(tmp_path / 'truncated.gz'))
 
 
-def test_codec_for_gpt2_and_reduced_vocabularies():
+def test_codec_for_gpt2_and_its_cut():
     encode, decode = tokenizer.get_codec(50257)
     assert encode('Hello world<|endoftext|>') == [15496, 995, 50256] and decode([15496, 995]) == 'Hello world'
-    # a reduced vocabulary: ids 0..3 are these GPT-2 ids, id 4 is every other token
-    encode, decode = tokenizer.get_codec(5, np.array([464, 286, 262, EOT]))  # 'The', ' of', ' the', eot
-    assert encode('The cat of the<|endoftext|>') == [0, 4, 1, 2, 3]
-    assert decode([0, 4, 1, 2, 3, 4]) == 'The\ufffd of the<|endoftext|>\ufffd'
-    assert list(tokenizer.reduced_id_map([464, 286], 50257)[[464, 286, 0, 50256]]) == [0, 1, 2, 2]
+    # GPT-2 cut to its first 2047 ranks + <|endoftext|> = 2047: a vocabulary of 2048 with GPT-2's own ids
+    encode, decode = tokenizer.get_codec(2048, tokenizer_cut=2047)
+    gpt2 = get_gpt2()
+    text = " The Moon is Earth's only natural satellite, 384,400 km away; café 日本<|endoftext|>Next"
+    ids = encode(text)
+    assert decode(ids) == text and max(ids) < 2048 and ids.count(2047) == 1 and decode([2047]) == '<|endoftext|>'
+    for word in ('The', ' the', ' of', ' and', ' in', ' is', ' was', '.', ',', ' a'):  # GPT-2 ids < 2047
+        assert encode(word) == gpt2.encode(word), word
+    assert len(encode(' Moon')) > 1 and gpt2.encode(' Moon') == [6869]  # merged after rank 2047: several tokens
+    cut = tokenizer.get_gpt2_cut(300)
+    assert cut.n_vocab == 301 and max(cut.encode(text, allowed_special='all')) == 300
     with pytest.raises(tokenizer.TokenizerError, match='not GPT-2'):
         tokenizer.get_codec(300)
-    with pytest.raises(tokenizer.TokenizerError, match='covers 5 ids'):
-        tokenizer.get_codec(300, [464, 286, 262, EOT])
+    with pytest.raises(tokenizer.TokenizerError, match='2048 of GPT-2 cut to 2047 ranks'):
+        tokenizer.get_codec(300, tokenizer_cut=2047)
+    with pytest.raises(tokenizer.TokenizerError, match='256 <= n'):
+        tokenizer.get_gpt2_cut(100)
 
 
 # ---------------------------------------------------------------------------- the embedded sample

@@ -1,9 +1,11 @@
 """sample.py, plot.py, bench.py and reproduce.py on tiny trained checkpoints (CPU)."""
 
+import csv
 import json
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -152,42 +154,127 @@ def test_bench_smoke():
     assert 'dtype speed-up quick/eager learned bfloat16' in summary
 
 
-def test_reproduce_smoke(data_dir, tmp_path):
-    args = [sys.executable, os.path.join(HERE, 'reproduce.py'), '--rows=learned_shift0,baseline', '--seeds=1,2',
-            '--max_iters=2', '--train_tokens=3000', '--vocab_size=300', f'--data_dir={data_dir}',
-            f'--out_root={tmp_path / "out"}',
-            f'--results_dir={tmp_path / "res"}', '--learned_shape=n_layer=1,n_embd=16,n_head=2',
-            '--baseline_shape=n_layer=1,n_embd=16,n_head=2',
-            '--train_args=block_size=16,batch_size=2,eval_interval=1,eval_iters=1,log_interval=1,warmup_iters=1']
+STUDY_TOY = ['--rows=learned_shift0,baseline', '--min_seeds=2', '--min_seeds_other=2', '--max_seeds=2', '--max_iters=4',
+             '--train_tokens=3000', '--val_tokens=1500', '--vocab_size=300',
+             '--learned_shape=n_layer=1,n_embd=16,n_head=2', '--baseline_shape=n_layer=1,n_embd=17,n_head=1',
+             '--train_args=block_size=16,batch_size=8,gradient_accumulation_steps=1,warmup_iters=1,eval_interval=1,'
+             'eval_windows=all,log_interval=1,'
+             'compile=False,dtype=float32']
+
+
+def test_reproduce_smoke(data_dir, tmp_path, capsys):
+    """The whole study pipeline at toy size: data, 2 rows x 2 seeds, endpoints, paired statistics, the
+    report and its charts; a second invocation runs nothing; a run finished but not yet copied resumes."""
+    args = [sys.executable, os.path.join(HERE, 'reproduce.py'), *STUDY_TOY, f'--data_dir={data_dir}',
+            f'--out_root={tmp_path / "out"}', f'--results_dir={tmp_path / "res"}']
     r = subprocess.run(args, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count(': done in') == 4
-    table = (tmp_path / 'res' / 'results.md').read_text().splitlines()
-    assert table[2].startswith('| learned_shift0 | 2 |') and table[3].startswith('| baseline | 2 |')
-    assert '±' in table[2]  # mean and standard deviation over the seeds
-    csv_lines = (tmp_path / 'res' / 'results.csv').read_text().splitlines()
-    assert len(csv_lines) == 5 and csv_lines[0].startswith('row,seed,train,val,best_val,keep')
-    assert nonempty_image(tmp_path / 'res' / 'curves.png')
-    # the subset, re-encoded: ids < 300, the 299 kept ids map back to the source tokens, the rest is id 299
-    repro = os.path.join(data_dir, 'wiki_repro')
-    meta = json.load(open(os.path.join(repro, 'meta.json')))
-    assert meta['train_tokens'] <= 3000 and meta['vocab_size'] == 300
-    sub = np.fromfile(os.path.join(repro, 'train.bin'), dtype=np.uint16)
-    src = np.fromfile(os.path.join(data_dir, 'wiki_sample', 'train.bin'), dtype=np.uint16)[:len(sub)]
-    gpt2_ids = np.load(os.path.join(repro, 'gpt2_ids.npy'))
-    kept = sub < 299
-    assert sub.max() == 299 and 0.5 < kept.mean() < 1
-    assert np.array_equal(gpt2_ids[sub[kept]], src[kept]) and not np.isin(src[~kept], gpt2_ids).any()
-    assert sub[-1] == meta['eot_token'] and src[-1] == 50256
-    config = json.load(open(tmp_path / 'res' / 'learned_shift0_s1' / 'config.json'))
-    assert config['vocab_size'] == 300
-    # the checkpoint carries the id map, so sample.py encodes the prompt and decodes GPT-2 text
-    ckpt = torch.load(tmp_path / 'out' / 'learned_shift0_s1' / 'ckpt.pt', weights_only=True)
-    assert torch.equal(ckpt['gpt2_ids'], torch.from_numpy(gpt2_ids.astype(np.int64)))
-    s = subprocess.run([sys.executable, os.path.join(HERE, 'sample.py'), f'--out_dir={tmp_path / "out" / "learned_shift0_s1"}',
-                        '--start=<|endoftext|>The', '--num_samples=1', '--max_new_tokens=8'],
-                       capture_output=True, text=True, timeout=120)
-    assert s.returncode == 0, s.stderr
-    assert s.stdout.startswith('==== sample 1/1 ====\n[new document]\nThe') and 'tokens/s' in s.stdout
-    r = subprocess.run(args, capture_output=True, text=True, timeout=240)  # resumable: nothing left to run
-    assert r.returncode == 0 and ': done in' not in r.stdout
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert 'parameters: learned 8,704' in r.stdout and 'baseline 8,619' in r.stdout and '+0.99%' in r.stdout
+    # priority order, seed-major: baseline before learned_shift0, seed 1337 before 1338
+    assert re.findall(r'^(\S+): done in', r.stdout, re.M) == ['baseline_s1337', 'learned_shift0_s1337',
+                                                               'baseline_s1338', 'learned_shift0_s1338']
+    # the data: GPT-2 cut to 299 ranks + <|endoftext|> = 299, whole documents, ids < 300
+    data = os.path.join(data_dir, 'study_v300_t3000_val1500')
+    meta = json.load(open(os.path.join(data, 'meta.json')))
+    assert meta['tokenizer_cut'] == 299 and meta['vocab_size'] == 300 and meta['eot_token'] == 299
+    train = np.fromfile(os.path.join(data, 'train.bin'), dtype=np.uint16)
+    assert 2000 < len(train) <= 3000 == meta['train_tokens'] + (3000 - len(train)) and train[-1] == 299
+    assert train.max() == 299 and not [f for f in os.listdir(data) if f.endswith('.tmp')]
+    from tokenizer import get_gpt2, get_gpt2_cut
+    first_doc = get_gpt2().decode(np.fromfile(os.path.join(data_dir, 'wiki_sample', 'train.bin'),
+                                              dtype=np.uint16)[:2000].tolist()).split('<|endoftext|>')[0]
+    assert get_gpt2_cut(299).decode(train[:list(train).index(299)].tolist()) == first_doc
+    # every run: metrics and config only (no checkpoint), evaluated on every val window
+    res = tmp_path / 'res'
+    assert sorted(os.listdir(res / 'baseline_s1337')) == ['config.json', 'metrics.jsonl']
+    assert json.load(open(res / 'learned_shift0_s1338' / 'config.json'))['tokenizer_cut'] == 299
+    # the checkpoint says which tokenizer made its data, so sample.py and plot.py encode and decode its text
+    ckpt = torch.load(tmp_path / 'out' / 'learned_shift0_s1337' / 'ckpt.pt', weights_only=True)
+    assert ckpt['tokenizer_cut'] == 299
+    code, out, err = sample(capsys, f'--out_dir={tmp_path / "out" / "learned_shift0_s1337"}', '--start=The Moon',
+                            '--num_samples=1', '--max_new_tokens=8')
+    assert code == 0 and texts(out)[0].startswith('The Moon'), err
+    # the tables: per row, and the paired differences against a hand computation from the per-run csv
+    md = (res / 'results.md').read_text()
+    assert '| learned_shift0 | 2 | 8,704 |' in md and '| baseline | 2 | 8,619 |' in md
+    assert '| train tokens per parameter | 2.5 |' in md and 'GPT-2 cut to its first 299 ranks' in md
+    with open(res / 'results.csv') as f:
+        per_run = {(x['row'], x['seed']): x for x in csv.DictReader(f)}
+    d = [float(per_run['learned_shift0', s]['primary']) - float(per_run['baseline', s]['primary']) for s in ('1337', '1338')]
+    mean, half = sum(d) / 2, 12.7062047 * abs(d[0] - d[1]) / 2  # t(0.975, 1) * sd / sqrt(2), sd = |d0 - d1| / sqrt(2)
+    line = next(x for x in md.splitlines() if x.startswith('| learned_shift0 | baseline |'))
+    assert f'{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n=2)' in line
+    assert 'distinguishable' in line  # Holm over the one comparison
+    with open(res / 'differences.csv') as f:
+        diffs = list(csv.DictReader(f))
+    assert [(x['row'], x['reference'], x['endpoint']) for x in diffs][:2] == [
+        ('learned_shift0', 'baseline', 'primary'), ('learned_shift0', 'baseline', 'best_val')]
+    assert float(diffs[0]['ci_high']) - float(diffs[0]['mean']) == pytest.approx(half, rel=1e-6)
+    assert nonempty_image(res / 'bands.png')
+    # resumable: nothing left to run; a run that finished in out/ but was not copied is resumed, not redone
+    # (in this process from here on: no interpreter start-up)
+    def again(*extra):
+        old = sys.argv
+        sys.argv = args[1:] + list(extra)
+        try:
+            runpy.run_path(args[1], run_name='__main__')
+            code = 0
+        except SystemExit as e:
+            code = 1 if isinstance(e.code, str) else e.code or 0
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        finally:
+            sys.argv = old
+        return code
+    assert again() == 0 and ': done in' not in capsys.readouterr().out
+    shutil.rmtree(res / 'learned_shift0_s1338')
+    assert again() == 0
+    out = capsys.readouterr().out
+    assert re.findall(r'^(.+): done in', out, re.M) == ['learned_shift0_s1338'] and '(resumed)' in out
+    assert (res / 'learned_shift0_s1338' / 'metrics.jsonl').exists()
+    # report_only rebuilds the same table; another design's results are refused, not mixed in
+    assert again('--report_only=True') == 0 and (res / 'results.md').read_text() == md
+    assert again('--report_only=True', '--max_iters=5') != 0
+    assert 'no finished runs of this design' in capsys.readouterr().err
+    assert again('--report_only=True', '--learning_rate=1e-3') != 0
+    assert 'was trained with learning_rate=' in capsys.readouterr().err
+
+
+def test_study_schedule(monkeypatch):
+    """Priority rows' seeds first (seed-major), then the others; then a seed more for a comparison whose
+    interval is wider than target_ci, until max_seeds."""
+    import reproduce
+    for k, v in dict(min_seeds=2, min_seeds_other=1, max_seeds=3, target_ci=0.04).items():
+        monkeypatch.setattr(reproduce, k, v)
+    rows = ['learned_shift_pi', 'learned_shift0', 'baseline']
+    done = {r: {} for r in rows}
+    order = []
+    while (nxt := reproduce.next_run(rows, done)) and len(order) < 20:
+        k, row = nxt
+        done[row][k] = {'primary': 5.0 + (0.1 * (-1) ** k if row == 'learned_shift_pi' else 0.001 * k)}
+        order.append(f'{row}:{k}')
+    # learned_shift_pi vs baseline is noisy (+-0.1): it gets seeds 1 and 2; learned_shift0 is tight after 2 seeds
+    assert order == ['baseline:0', 'learned_shift0:0', 'baseline:1', 'learned_shift0:1', 'learned_shift_pi:0',
+                     'learned_shift_pi:1', 'baseline:2', 'learned_shift_pi:2']
+
+
+def test_study_statistics_hand_cases():
+    """The paired 95% interval, the t quantiles, Holm's step-down and the fit-matched val on planted numbers."""
+    import reproduce
+    for df, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (7, 2.3646), (30, 2.0423)):  # tables of t(0.975, df)
+        assert reproduce.t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    d = [-0.10, -0.05, -0.08, -0.02, -0.07]  # mean -0.064, sd 0.030496
+    s = reproduce.paired(d)
+    assert s['n'] == 5 and s['mean'] == pytest.approx(-0.064) and s['sd'] == pytest.approx(0.0304959, rel=1e-5)
+    assert s['half'] == pytest.approx(2.7764451 * 0.0304959 / 5 ** 0.5, rel=1e-5)
+    assert s['p'] == pytest.approx(0.009359, abs=1e-5)  # t = -4.6927, 4 degrees of freedom (scipy.stats.t.sf)
+    assert reproduce.paired([0.1])['half'] is None
+    # Holm: sorted p 0.005 <= 0.05/4, 0.01 <= 0.05/3, 0.03 > 0.05/2: stop; 0.04 is not rejected either
+    assert reproduce.holm({'a': 0.01, 'b': 0.04, 'c': 0.03, 'd': 0.005}) == {'a': True, 'b': False, 'c': False, 'd': True}
+    assert reproduce.holm({'a': 0.02, 'b': 0.03}) == {'a': True, 'b': True}  # 0.02 <= 0.025, 0.03 <= 0.05
+    # fit-matched: tau = the worse (higher) final train CE; the other run's val is read where it had that train CE
+    a = {'final_train': 3.0, 'curve': [(5.0, 5.5), (4.0, 5.0), (3.0, 5.2)]}
+    b = {'final_train': 2.5, 'curve': [(5.0, 5.4), (3.5, 5.0), (2.5, 5.6)]}
+    assert reproduce.val_at_train(a['curve'], 3.5) == pytest.approx(5.1)
+    assert reproduce.fit_matched(a, b) == pytest.approx(5.2 - 5.3)  # b at train 3.0: halfway from 5.0 to 5.6
+    assert reproduce.val_at_train(a['curve'], 2.0) is None

@@ -1,6 +1,7 @@
 """
 The GPT-2 tokenizer, offline: a tiktoken Encoding built from the byte-pair ranks vendored in
-assets/ (tiktoken.get_encoding("gpt2") would download them). See assets/LICENSE-gpt2-tiktoken.txt.
+assets/ (tiktoken.get_encoding("gpt2") would download them), and its cut to the first n ranks
+(a small vocabulary without an "other" bucket). See assets/LICENSE-gpt2-tiktoken.txt.
 """
 
 import base64
@@ -8,8 +9,6 @@ import gzip
 import hashlib
 import os
 from functools import lru_cache
-
-import numpy as np
 
 RANKS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'gpt2.tiktoken.gz')
 RANKS_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
@@ -49,43 +48,29 @@ def get_gpt2():
                              special_tokens={'<|endoftext|>': EOT}, explicit_n_vocab=50257)
 
 
-def reduced_id_map(gpt2_ids, n_vocab=50257):
-    """(n_vocab,) table GPT-2 id -> reduced id: gpt2_ids[i] -> i, every other id -> len(gpt2_ids).
-    reproduce.py re-encodes its data this way; the table turns GPT-2 ids into the model's."""
-    table = np.full(n_vocab, len(gpt2_ids), dtype=np.int64)
-    table[np.asarray(gpt2_ids, dtype=np.int64)] = np.arange(len(gpt2_ids))
-    return table
+@lru_cache(maxsize=None)
+def get_gpt2_cut(n):
+    """GPT-2's BPE cut to its first n ranks (the 256 byte tokens and the first n - 256 merges), plus
+    <|endoftext|> as id n: a byte-level BPE with full coverage and a vocabulary of n + 1, whose ids
+    below n are GPT-2's own ids (a word GPT-2 merged later comes out as several of these tokens)."""
+    import tiktoken
+    if not 256 <= n <= EOT:
+        raise TokenizerError(f"a GPT-2 cut needs 256 <= n <= {EOT} ranks (the byte tokens come first), got {n}")
+    ranks = {token: rank for token, rank in load_ranks().items() if rank < n}
+    return tiktoken.Encoding(name=f'gpt2_cut{n}', pat_str=PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={'<|endoftext|>': n}, explicit_n_vocab=n + 1)
 
 
-def get_codec(vocab_size, gpt2_ids=None):
-    """(encode, decode) between text and a model's token ids. The model's vocabulary is GPT-2's, or,
-    with gpt2_ids (a model trained on reproduce.py's re-encoded data), id i is GPT-2 id gpt2_ids[i]
-    and id len(gpt2_ids) stands for every other token; it decodes as U+FFFD."""
-    enc = get_gpt2()
+def get_codec(vocab_size, tokenizer_cut=None):
+    """(encode, decode) between text and a model's token ids: GPT-2's vocabulary, or with
+    tokenizer_cut=n (the checkpoint's field, from its data's meta.json) GPT-2's cut to n ranks
+    (get_gpt2_cut), whose vocabulary is n + 1."""
+    enc = get_gpt2() if tokenizer_cut is None else get_gpt2_cut(int(tokenizer_cut))
+    if vocab_size != enc.n_vocab:
+        what = (f"GPT-2's {enc.n_vocab}" if tokenizer_cut is None
+                else f"the {enc.n_vocab} of GPT-2 cut to {tokenizer_cut} ranks + <|endoftext|>")
+        raise TokenizerError(f"the model's vocabulary has {vocab_size} ids, not {what}: its checkpoint does not "
+                             f"say which tokenizer made its data (older reduced-vocabulary checkpoints cannot be "
+                             f"decoded); retrain it with this train.py")
     special = {'<|endoftext|>'}
-    if gpt2_ids is None:
-        if vocab_size != enc.n_vocab:
-            raise TokenizerError(f"the model's vocabulary has {vocab_size} ids, not GPT-2's {enc.n_vocab}, and its "
-                                 f"checkpoint carries no id map (gpt2_ids) to translate them; retrain it with "
-                                 f"this train.py, which stores the map of re-encoded data (reproduce.py's)")
-        return (lambda text: enc.encode(text, allowed_special=special)), enc.decode
-    gpt2_ids = np.asarray(gpt2_ids).tolist()
-    other = len(gpt2_ids)
-    if vocab_size != other + 1:
-        raise TokenizerError(f"the checkpoint's id map covers {other + 1} ids but the model has {vocab_size}")
-    table = reduced_id_map(gpt2_ids, enc.n_vocab)
-
-    def encode(text):
-        return table[enc.encode(text, allowed_special=special)].tolist()
-
-    def decode(ids):
-        parts, run = [], []
-        for i in ids:
-            if i == other:
-                parts.append(enc.decode(run))
-                run = []
-            else:
-                run.append(gpt2_ids[i])
-        return '\N{REPLACEMENT CHARACTER}'.join(parts + [enc.decode(run)])
-
-    return encode, decode
+    return (lambda text: enc.encode(text, allowed_special=special)), enc.decode

@@ -47,7 +47,8 @@ from runtime import (CheckpointError, RunLock, RuntimeSetupError, autocast, clea
 out_dir = 'out'  # checkpoints (ckpt.pt, best.pt), metrics.jsonl and config.json go here
 eval_interval = 500  # evaluate (and checkpoint) every this many iterations
 log_interval = 10  # log training statistics every this many iterations
-eval_iters = 200  # batches per split in each evaluation
+eval_iters = 200  # batches per split in each evaluation (eval_windows='random')
+eval_windows = 'random'  # 'random': eval_iters random batches (the seed's); 'all': the whole val split in non-overlapping windows
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # write ckpt.pt at every evaluation, not only when val improves
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
@@ -96,8 +97,8 @@ min_lr = 9e-5  # learning rate at the end of the cosine
 # system
 backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
 device = 'auto'  # 'auto' = cuda > mps > cpu; or e.g. 'cpu', 'cuda:1'
-dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 (CUDA) or float32; or set one
-compile = True  # torch.compile the model, as the seed runs did (the quick configs turn it off: on a CPU it costs minutes)
+dtype = 'auto'  # 'auto' = bf16 autocast on GPUs, and on CPUs with bf16 instructions for a wide output layer; else float32
+compile = True  # torch.compile the model, as the seed runs did (a cold compile takes 20-60 s on a CPU)
 seed = 1337  # model init, mask noise and batch order
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
@@ -111,6 +112,7 @@ def fail(message, code=1):
 
 RULES = {
     'model_type': "x in ('learned', 'baseline', 'moe')", 'init_from': "x in ('scratch', 'resume')",
+    'eval_windows': "x in ('random', 'all')",
     'dtype': "x in ('auto', 'float32', 'bfloat16', 'float16')", 'backend': "x in ('auto', 'nccl', 'gloo')",
     'mask_input': "x in ('mlp_output', 'embedding')", 'mask_rounding': "x in ('stochastic', 'soft')",
     'eval_interval': 'x >= 1', 'log_interval': 'x >= 1', 'eval_iters': 'x >= 1', 'batch_size': 'x >= 1',
@@ -159,11 +161,9 @@ else:
     ddp_rank, ddp_world_size = 0, 1
 master_process = ddp_rank == 0
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-dtype = pick_dtype(dtype, device_type)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 torch.manual_seed(seed + ddp_rank)  # the learned masks' noise differs per rank
 setup_device(device_type)
-ctx = autocast(dtype, device_type)
 peak = peak_flops(device)
 
 # -----------------------------------------------------------------------------
@@ -194,15 +194,16 @@ try:
     with open(os.path.join(data_path, 'meta.json')) as f:
         meta = json.load(f)
     vocab_size = int(meta['vocab_size'])
+    # data tokenized with GPT-2 cut to its first N ranks (reproduce.py's) says so; the checkpoints carry it
+    # so that sample.py and plot.py encode and decode text with that tokenizer (None: GPT-2's own)
+    tokenizer_cut = meta.get('tokenizer_cut')
     expected_tokens = {split: int(meta[f'{split}_tokens']) for split in ('train', 'val')}
 except (OSError, ValueError, TypeError, KeyError) as e:
     what = f"has no {e}" if isinstance(e, KeyError) else f"cannot be read ({type(e).__name__})"
     fail(f"{data_path}/meta.json {what}: the preparation is incomplete or damaged; run prepare_wiki.py again "
          f"with --force")
-# data re-encoded to a reduced vocabulary (older reproduce.py subsets) maps its ids back to GPT-2's here; the
-# map goes into every checkpoint so sample.py and plot.py can encode and decode text for the model
-ids_path = os.path.join(data_path, 'gpt2_ids.npy')
-gpt2_ids = torch.from_numpy(np.load(ids_path).astype(np.int64)) if os.path.exists(ids_path) else None
+dtype = pick_dtype(dtype, device_type, vocab_size * n_embd)  # 'auto' weighs the output layer's width
+ctx = autocast(dtype, device_type)
 for split in ('train', 'val'):
     n_tokens = os.path.getsize(os.path.join(data_path, f'{split}.bin')) // 2
     if n_tokens != expected_tokens[split]:
@@ -229,6 +230,19 @@ def get_batch(split, generator):
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def get_eval_batches(split):
+    """eval_windows='all': the split's non-overlapping windows in order (a last partial one is left out), in
+    batches of up to batch_size. The train split is capped at val's number of windows, spread evenly over it."""
+    data = np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=np.uint16, mode='r')
+    starts = np.arange((len(data) - 1) // block_size) * block_size
+    n_val = (expected_tokens['val'] - 1) // block_size
+    if split == 'train' and len(starts) > n_val:
+        starts = starts[np.linspace(0, len(starts) - 1, n_val).round().astype(np.int64)]
+    for i in range(0, len(starts), batch_size):
+        w = torch.from_numpy(data[starts[i:i + batch_size, None] + window].astype(np.int64))  # (B, T+1)
+        yield w[:, :-1].to(device), w[:, 1:].to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -342,7 +356,7 @@ def save_checkpoint(path, with_optimizer=True):
         return
     ckpt = {'model': raw_model.state_dict(), 'model_type': model_type, 'model_args': model_args,
             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'evaluated_at': evaluated_at,
-            'config': config, 'rng': states, 'gpt2_ids': gpt2_ids, 'replica_checksums': checksums}
+            'config': config, 'rng': states, 'tokenizer_cut': tokenizer_cut, 'replica_checksums': checksums}
     if with_optimizer:
         ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     try:
@@ -353,19 +367,25 @@ def save_checkpoint(path, with_optimizer=True):
 
 @torch.no_grad()
 def estimate_loss():
-    """Pure cross-entropy (eval mode: deterministic masks, no dropout) on the same eval_iters
-    batches of each split every time, plus the learned model's eval-mode mask statistics."""
+    """Pure cross-entropy (eval mode: deterministic masks, no dropout) on the same windows of each
+    split every time (eval_iters random batches, or every window of the split), plus the learned
+    model's eval-mode mask statistics; every window weighs the same."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
-        gen = torch.Generator().manual_seed(seed + 1)  # fixed eval batches: comparable across evaluations
-        sums = {}
-        for _ in range(eval_iters):
-            X, Y = get_batch(split, gen)
+        if eval_windows == 'all':
+            batches = get_eval_batches(split)
+        else:
+            gen = torch.Generator().manual_seed(seed + 1)  # fixed eval batches: comparable across evaluations
+            batches = (get_batch(split, gen) for _ in range(eval_iters))
+        sums, weight = {}, 0.0
+        for X, Y in batches:
             with ctx:
                 _, _, stats = model(X, Y, return_stats=True)
-            sums = {k: sums.get(k, 0) + v.float() for k, v in stats.items()}
-        out.update(summarize({k: v / eval_iters for k, v in sums.items()}, f'{split}/'))
+            w = len(X) / batch_size  # 1 but for a last, smaller batch of windows
+            sums = {k: sums.get(k, 0) + v.float() * w for k, v in stats.items()}
+            weight += w
+        out.update(summarize({k: v / weight for k, v in sums.items()}, f'{split}/'))
     model.train()
     return out
 
@@ -421,7 +441,7 @@ if master_process:
     try:
         if init_from == 'resume' and os.path.exists(metrics_path):
             trim_metrics()
-        save_json(dict(config, vocab_size=vocab_size, dtype=dtype, device=device, world_size=ddp_world_size,
+        save_json(dict(config, vocab_size=vocab_size, tokenizer_cut=tokenizer_cut, dtype=dtype, device=device, world_size=ddp_world_size,
                        tokens_per_iter=tokens_per_iter, num_params=raw_model.get_num_params()),
                   os.path.join(out_dir, 'config.json'), 'config.json')
     except RuntimeSetupError as e:
