@@ -15,6 +15,7 @@ import model
 import moe_model
 import runtime
 from baseline_model import attend
+from test_model import reference_attention, tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MOE = dict(n_expert=4, expert_top_k=2)
@@ -24,24 +25,6 @@ LEARNED_VARIANTS = {
     'fourier3': dict(mask_fourier_terms=3),
     'soft': dict(mask_rounding='soft'),
 }
-
-
-def tiny(module, **kw):
-    cfg = dict(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
-    cfg.update(kw)
-    torch.manual_seed(0)
-    return module.GPT(module.GPTConfig(**cfg))
-
-
-def reference_attention(c_attn, x, n_head):
-    """Causal multi-head attention written out with explicit matrices (METHOD.md section 1, step 1)."""
-    B, T, C = x.shape
-    hs = C // n_head
-    q, k, v = (x @ c_attn.weight.T).split(C, dim=2)
-    q, k, v = (t.view(B, T, n_head, hs).transpose(1, 2) for t in (q, k, v))
-    att = q @ k.transpose(-2, -1) / math.sqrt(hs)
-    att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float('-inf'))
-    return (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
 
 
 def sharpen(m, factor=8):
