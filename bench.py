@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODULES = {'learned': learned_model, 'baseline': baseline_model, 'moe': moe_model}
 # -----------------------------------------------------------------------------
 device = 'auto'  # 'auto' = cuda > mps > cpu
-dtype = 'auto'  # precision(s) to time, comma-separated, e.g. float32,bfloat16; 'auto' = what train.py picks
+dtype = 'auto'  # precision(s) to time, comma-separated, e.g. float32,bfloat16; 'auto' = bf16 on GPUs and CPUs with bf16 instructions
 shapes = 'seed,quick'  # seed: the 26-layer models of METHOD.md section 6; quick: config/quick_*.py; small: SMALL_ARGS
 models = 'learned,baseline'  # learned, baseline, and at seed shapes any config/<name>.py, e.g. moe_params
 modes = 'eager,compiled'  # eager and/or torch.compile

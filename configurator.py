@@ -76,12 +76,16 @@ def option_comments(script):
     headings (comment-only lines) in order, as [('# heading', None) | (name, comment)]."""
     entries = []
     with open(script) as f:
-        for line in f:
-            m = re.match(r'^(\w+)\s*=\s*.*?(?:#\s*(.*))?$', line.rstrip())
-            if m and not line.startswith(' '):
-                entries.append((m.group(1), (m.group(2) or '').strip()))
-            elif line.startswith('# ') and not line.startswith('# ---'):
-                entries.append((line[2:].strip(), None))
+        lines = f.readlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith('# ---')]
+    if len(rules) >= 2:  # the defaults sit between the first two rules, as in nanoGPT's train.py
+        lines = lines[rules[0] + 1:rules[1]]
+    for line in lines:
+        m = re.match(r'^(\w+)\s*=\s*.*?(?:#\s*(.*))?$', line.rstrip())
+        if m and not line.startswith(' '):
+            entries.append((m.group(1), (m.group(2) or '').strip()))
+        elif line.startswith('# ') and not line.startswith('# ---'):
+            entries.append((line[2:].strip(), None))
     return entries
 
 
@@ -93,17 +97,21 @@ def print_help(config, script, doc):
           f"\n       --key=value overrides come after them; values are Python literals or plain text)\n")
     print("options (default, then what it does):")
     width = max(len(k) for k in config)
-    pending = None
+    pending, shown = None, set()
     for key, comment in option_comments(script):
         if comment is None:
             pending = key  # a heading: printed only if an option follows it
             continue
-        if key not in config:
+        if key not in config or key in shown:
             continue
         if pending:
             print(f"  [{pending}]")
             pending = None
         print(f"    --{key:<{width}} = {config[key]!r:<14} {comment}".rstrip())
+        shown.add(key)
+    for key in config:  # a setting defined outside the commented block still gets a line
+        if key not in shown:
+            print(f"    --{key:<{width}} = {config[key]!r}")
 
 
 def configure(config, argv, script=None, doc=None, rules=None):

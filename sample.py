@@ -26,7 +26,7 @@ top_k = 200  # sample only among the top_k most likely tokens (None: all)
 mask = 'deterministic'  # learned model: 'deterministic' (R = [M >= 0.5]) or 'stochastic' (R ~ Bernoulli(M))
 seed = 1337  # seed of the sampling
 device = 'auto'  # 'auto' = cuda > mps > cpu; or e.g. 'cpu', 'cuda:1'
-dtype = 'auto'  # 'auto' = bfloat16 on CUDA where supported, float32 elsewhere; or float32, bfloat16, float16
+dtype = 'auto'  # 'auto' = bfloat16 on GPUs and on CPUs with bf16 instructions, else float32; or set one
 # -----------------------------------------------------------------------------
 RULES = {'checkpoint': ('len(x) > 0', 'a file name in out_dir'), 'num_samples': 'x >= 1', 'max_new_tokens': 'x >= 1',
          'temperature': ('x > 0', '> 0 (lower is more conservative)'),

@@ -405,7 +405,7 @@ def test_sigterm_during_startup_exits_cleanly(data_dir, tmp_path):
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and 'Traceback' not in err
-    assert 'before the first training step; nothing was trained' in err
+    assert 'during start-up; nothing was trained' in err
 
 
 def test_auto_dtype_weighs_the_output_layer(monkeypatch):

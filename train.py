@@ -16,9 +16,9 @@ import sys
 
 
 def _stopped_early(signum, frame):
-    # until the training loop's handler is installed (imports, data checks, compilation) a signal
-    # means nothing was trained yet: leave at once, writing nothing
-    print(f"train.py: stopped by {signal.Signals(signum).name} before the first training step; nothing was trained",
+    # until the training loop's handler is installed (imports, data and config checks, model setup) a
+    # signal means nothing was trained yet: leave at once
+    print(f"train.py: stopped by {signal.Signals(signum).name} during start-up; nothing was trained",
           file=sys.stderr)
     sys.exit(0)
 
@@ -98,7 +98,7 @@ min_lr = 9e-5  # learning rate at the end of the cosine
 backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
 device = 'auto'  # 'auto' = cuda > mps > cpu; or e.g. 'cpu', 'cuda:1'
 dtype = 'auto'  # 'auto' = bf16 autocast on GPUs, and on CPUs with bf16 instructions for a wide output layer; else float32
-compile = True  # torch.compile the model, as the seed runs did (a cold compile takes 20-60 s on a CPU)
+compile = True  # torch.compile the model, as the seed runs did (a cold compile takes 20 s to 2 minutes on a CPU)
 seed = 1337  # model init, mask noise and batch order
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
@@ -497,7 +497,7 @@ def check_finite(bad_iter):
 bad_iter = torch.tensor(-1, device=device)
 t_log, iters_since_log, first_step, avg_dt = time.time(), 0, True, None
 if compile and iter_num < max_iters and not eval_only and master_process:
-    print("compiling the model: the first step takes a while (a minute or more on a CPU)", flush=True)
+    print("compiling the model: the first step takes a while (20 s to 2 minutes on a CPU)", flush=True)
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
