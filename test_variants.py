@@ -15,7 +15,7 @@ import model
 import moe_model
 import runtime
 from baseline_model import attend
-from test_model import reference_attention, tiny
+from test_model import assert_causal, assert_kv_cache_matches_full_recompute, reference_attention, sharpen, tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MOE = dict(n_expert=4, expert_top_k=2)
@@ -25,46 +25,6 @@ LEARNED_VARIANTS = {
     'fourier3': dict(mask_fourier_terms=3),
     'soft': dict(mask_rounding='soft'),
 }
-
-
-def sharpen(m, factor=8):
-    """Larger weights (matrices and expert stacks): varied greedy tokens and decisive routing."""
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.mul_(factor)
-    return m
-
-
-def assert_causal(m, mode):
-    m.train(mode == 'train')
-    x = torch.randint(0, 97, (2, 16))
-    x2 = x.clone()
-    x2[:, 10] = (x2[:, 10] + 1) % 97
-    torch.manual_seed(5)
-    a, _ = m(x, x)
-    torch.manual_seed(5)
-    b, _ = m(x2, x2)
-    assert torch.equal(a[:, :10], b[:, :10])
-    assert not torch.allclose(a[:, 10:], b[:, 10:])
-
-
-def assert_kv_cache_matches_full_recompute(m):
-    m.eval()
-    idx = torch.randint(0, 97, (2, 5))
-    # step by step through the cache vs one full forward: same logits at every position
-    full, _ = m(idx.repeat(1, 3), idx.repeat(1, 3))
-    cache = model.KVCache()
-    steps = [m(idx.repeat(1, 3)[:, t:t + 1], kv_cache=cache)[0] for t in range(15)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
-    # greedy decoding: identical tokens, until block_size (16) and beyond it
-    out = m.generate(idx, 30, top_k=1)
-    ref = idx
-    for _ in range(30):
-        logits, _ = m(ref[:, -m.config.block_size:])
-        ref = torch.cat((ref, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
-    assert torch.equal(out, ref)
-    assert len(set(out[:, 5:].flatten().tolist())) > 3  # varied tokens: a meaningful comparison
 
 
 def seed_config(name):
