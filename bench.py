@@ -54,8 +54,8 @@ CONFIG_NAMES = {f[:-3] for f in os.listdir(os.path.join(HERE, 'config')) if f.en
 
 
 # the reduced-scale study's candidate shapes: dispatch, not matmuls, bounds a step this small
-SMALL_ARGS = {'learned': dict(block_size=128, vocab_size=2049, n_layer=4, n_embd=48, n_head=3),
-              'baseline': dict(block_size=128, vocab_size=2049, n_layer=4, n_embd=52, n_head=4)}
+SMALL_ARGS = {'learned': dict(block_size=128, vocab_size=2048, n_layer=4, n_embd=48, n_head=3),
+              'baseline': dict(block_size=128, vocab_size=2048, n_layer=4, n_embd=52, n_head=4)}
 
 
 def model_spec(name, shape):

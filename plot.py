@@ -22,6 +22,7 @@ import sys
 import matplotlib
 
 matplotlib.use('Agg')
+matplotlib.rcParams['svg.hashsalt'] = 'plot.py'  # the same data gives the same files (no churn in results/)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
@@ -59,7 +60,7 @@ def save(fig, out, stem):
     stem = re.sub(r'[^\w.+=-]', '_', stem)  # run names may hold '/' or spaces: keep files inside out
     paths = [os.path.join(out, f'{stem}.{ext}') for ext in ('png', 'svg')]
     for p in paths:
-        fig.savefig(p, dpi=120, bbox_inches='tight')
+        fig.savefig(p, dpi=120, bbox_inches='tight', metadata={'Date': None} if p.endswith('svg') else None)
     plt.close(fig)
     return paths
 

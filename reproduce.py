@@ -51,6 +51,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -81,7 +82,7 @@ min_seeds = 5  # seeds of every priority row (run first, seed-major)
 min_seeds_other = 3  # seeds of every other row
 max_seeds = 8  # seeds are added to a comparison until its interval is within +-target_ci or it has this many
 target_ci = 0.04  # half-width (nats) of the paired 95% interval of the primary endpoint to reach
-max_iters = 4000  # optimizer steps per run
+max_iters = 2000  # optimizer steps per run
 train_tokens = 400000  # size of the training subset, in tokens of the cut tokenizer (cut after a whole document)
 val_tokens = 0  # 0: the whole val split; > 0: its first documents up to this many tokens (tests)
 vocab_size = 2048  # GPT-2's first vocab_size - 1 ranks + <|endoftext|>
@@ -93,11 +94,14 @@ train_args = ('block_size=128,batch_size=32,gradient_accumulation_steps=1,warmup
 data_dir = 'data'  # wiki_sample is prepared here if missing; the study's data goes to data_dir/study_v*_t*
 out_root = 'out/study'  # run folders (checkpoints)
 results_dir = 'results/study'  # finished runs' metrics and config, the tables and the charts (commit these)
+jobs = 1  # runs trained at once, each with cpu_count // jobs threads (on 2 cores, 2 jobs train ~1.25x faster than 1)
+commit = False  # git-commit results_dir after every finished run (a sweep spread over days loses nothing)
 report_only = False  # skip training, rebuild the tables and charts
 calibrate = False  # run the calibration pilot instead of the sweep: results_dir/calibration.md
-calib_tokens = '200000,400000,800000'  # pilot: train subset sizes, baseline and baseline_dropout0.2 at max_iters
-calib_lrs = '1e-3,2e-3,4e-3'  # pilot: learning rates, baseline and learned_shift0 on train_tokens
-calib_iters = 1000  # pilot: steps of the learning-rate runs
+calib_tokens = '100000,200000'  # pilot: train subset sizes, baseline and baseline_dropout0.2 at max_iters
+calib_lrs = '1e-3,2e-3,4e-3'  # pilot: learning rates, baseline and learned_shift0 on calib_lr_tokens
+calib_lr_tokens = 400000  # pilot: train subset of the learning-rate runs
+calib_iters = 400  # pilot: steps of the learning-rate runs
 # -----------------------------------------------------------------------------
 
 
@@ -231,7 +235,8 @@ def finished(dst, settings):
     with open(os.path.join(dst, 'config.json')) as f:
         conf = json.load(f)
     for k, v in settings.items():
-        if conf.get(k) != v and v != 'auto':  # config.json holds what 'auto' chose (dtype, device)
+        # config.json holds what 'auto' chose (dtype, device); compiled or not, a run is the same experiment
+        if conf.get(k) != v and v != 'auto' and k != 'compile':
             fail(f"{dst} was trained with {k}={conf.get(k)!r}, this study has {k}={v!r}: point --results_dir "
                  f"and --out_root elsewhere for a new design (or remove the old runs)")
     return True
@@ -240,49 +245,103 @@ def finished(dst, settings):
 stop_signal = None
 
 
-def run_one(name, row, settings, dst):
-    """Train (or resume) out_root/name, then copy its metrics and config to dst. SIGINT/SIGTERM stop
-    the run (train.py saves a checkpoint) and the sweep; the same command resumes it."""
-    global stop_signal
+def start_run(name, row, settings, dst):
+    """Start training (or resuming) out_root/name in a child process; its output goes to train.log."""
     out_dir = os.path.join(out_root, name)
     resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
     cmd = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', f'{row}.py'),
            f'--out_dir={out_dir}', f'--data_dir={data_dir}', f'--wandb_run_name={row}',
            '--init_from=resume' if resume else '--init_from=scratch', '--overwrite=True']
     cmd += [f'--{k}={v}' for k, v in settings.items()]
+    env = dict(os.environ)
+    if jobs > 1 and 'OMP_NUM_THREADS' not in env:  # share the cores: oversubscribed OpenMP threads spin-wait
+        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, 'train.log')
-    t0 = time.time()
     with open(log_path, 'a') as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return dict(name=name, out_dir=out_dir, settings=settings, dst=dst, child=child, log_path=log_path,
+                resume=resume, t0=time.time())
 
-        def forward(signum, frame):
-            global stop_signal
-            stop_signal = signal.Signals(signum).name
-            child.send_signal(signum)
-        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            code = child.wait()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-    if code != 0:
-        with open(log_path) as f:
+
+def finish_run(run, code):
+    """After a child exits: copy a finished run's metrics and config to its dst; the error of a failed one
+    (None when it finished or was stopped by a signal)."""
+    name, out_dir = run['name'], run['out_dir']
+    if code != 0 and not stop_signal:
+        with open(run['log_path']) as f:
             last = [line.strip() for line in f if line.strip()][-1:]
-        fail(f"{name} failed (exit {code}): {last[0] if last else '?'} (log: {log_path})")
-    if final_eval(out_dir, settings['max_iters']) is None:
-        sys.exit(f"reproduce.py: {name} stopped{f' by {stop_signal}' if stop_signal else ''} before its end; "
-                 f"its checkpoint is saved: run the same command again to resume")
-    os.makedirs(dst, exist_ok=True)
+        return f"{name} failed (exit {code}): {last[0] if last else '?'} (log: {run['log_path']})"
+    if final_eval(out_dir, run['settings']['max_iters']) is None:
+        return None if stop_signal else f"{name} ended before its last step (log: {run['log_path']})"
+    from runtime import tmp_name
+    os.makedirs(run['dst'], exist_ok=True)
     for f in ('metrics.jsonl', 'config.json'):
-        from runtime import tmp_name
-        shutil.copy(os.path.join(out_dir, f), tmp_name(os.path.join(dst, f)))
-        os.replace(tmp_name(os.path.join(dst, f)), os.path.join(dst, f))
-    print(f"{name}: done in {time.time() - t0:.0f} s{' (resumed)' if resume else ''}", flush=True)
+        shutil.copy(os.path.join(out_dir, f), tmp_name(os.path.join(run['dst'], f)))
+        os.replace(tmp_name(os.path.join(run['dst'], f)), os.path.join(run['dst'], f))
+    print(f"{name}: done in {time.time() - run['t0']:.0f} s{' (resumed)' if run['resume'] else ''}", flush=True)
+    return None
+
+
+def run_all(next_task, after_each):
+    """Train the runs that next_task(names in flight) gives, `jobs` at a time, until it gives None; call
+    after_each() when one has finished. SIGINT/SIGTERM stop every run (train.py saves a checkpoint) and the
+    sweep; the same command resumes them. A failed run stops the others the same way."""
+    global stop_signal
+    running, error = [], None
+
+    def forward(signum, frame):
+        global stop_signal
+        stop_signal = signal.Signals(signum).name
+        for r in running:
+            r['child'].send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            while not stop_signal and not error and len(running) < jobs:
+                task = next_task({r['name'] for r in running})
+                if task is None:
+                    break
+                running.append(start_run(*task))
+            if not running:
+                break
+            time.sleep(0.5)
+            for r in [r for r in running if r['child'].poll() is not None]:
+                running.remove(r)
+                err = finish_run(r, r['child'].returncode)
+                if err and not error:
+                    error = err
+                    for other in running:
+                        other['child'].send_signal(signal.SIGTERM)
+                elif not err and not stop_signal and final_eval(r['out_dir'], r['settings']['max_iters']):
+                    after_each(r['name'])
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if error:
+        fail(error + ("; the other runs saved a checkpoint" if jobs > 1 else ''))
     if stop_signal:
-        sys.exit(f"reproduce.py: stopped by {stop_signal}; run the same command again to go on")
+        sys.exit(f"reproduce.py: stopped by {stop_signal}; the runs in flight saved a checkpoint: run the same "
+                 f"command again to go on")
+
+
+def git_commit(message):
+    """Commit results_dir (and only it) to the git repository it lies in; retried while another git
+    command holds the index. A warning, not an error, when it cannot."""
+    for _ in range(30):
+        r = subprocess.run(['git', 'add', '--', '.'], cwd=results_dir, capture_output=True, text=True)
+        if r.returncode == 0:
+            r = subprocess.run(['git', 'commit', '-q', '-m', message, '--', '.'], cwd=results_dir,
+                               capture_output=True, text=True)
+            if r.returncode == 0 or 'nothing' in r.stdout or 'no changes' in r.stdout:
+                return
+        if 'index.lock' not in r.stderr:
+            print(f"reproduce.py: warning: could not commit {results_dir}: {(r.stderr or r.stdout).strip()}",
+                  file=sys.stderr)
+            return
+        time.sleep(2)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -416,16 +475,18 @@ def comparisons(row_list):
             if row != ref and not (row in REFS and REFS.index(row) < REFS.index(ref))]
 
 
-def next_run(row_list, done):
-    """(seed index, row) to run next, or None when the study is complete: the fixed plan first, then
-    the seeds that the open comparisons need (lowest seed first, then priority order). Seed-major: a
-    partial sweep has every row of a group at the same number of seeds, give or take one."""
+def next_run(row_list, done, busy=()):
+    """(seed index, row) to run next, or None when nothing is left to start: the fixed plan first, then
+    the seeds that the open comparisons need (lowest seed first, then priority order); runs named in busy
+    are in flight. Seed-major: a partial sweep has every row of a group at the same number of seeds, give
+    or take one."""
     first, rest = [r for r in PRIORITY if r in row_list], [r for r in row_list if r not in PRIORITY]
     order = first + rest
+    free = lambda k, row: k not in done[row] and f'{row}_s{seed_of(k)}' not in busy  # noqa: E731
     for group, n in ((first, min_seeds), (rest, min_seeds_other)):  # the priority rows' seeds first
         for k in range(n):
             for row in group:
-                if k not in done[row]:
+                if free(k, row):
                     return k, row
     need = []
     for row, ref in comparisons(row_list):
@@ -436,21 +497,28 @@ def next_run(row_list, done):
         if s['half'] is not None and s['half'] <= target_ci:
             continue
         k = min(set(range(max_seeds)) - set(both))
-        need += [(k, order.index(r), r) for r in (row, ref) if k not in done[r]]
+        need += [(k, order.index(r), r) for r in (row, ref) if free(k, r)]
     return min(need)[::2] if need else None
 
 
 def sweep(row_list):
     t0, n = time.time(), 0
-    while True:
-        done = collect(row_list)
-        nxt = next_run(row_list, done)
+
+    def next_task(busy):
+        nxt = next_run(row_list, collect(row_list), busy)
         if nxt is None:
-            break
+            return None
         k, row = nxt
         name = f'{row}_s{seed_of(k)}'
-        run_one(name, row, run_settings(row, seed_of(k)), os.path.join(results_dir, name))
+        return name, row, run_settings(row, seed_of(k)), os.path.join(results_dir, name)
+
+    def after_each(name):
+        nonlocal n
         n += 1
+        if commit:
+            report(row_list, quiet=True)
+            git_commit(f"study: {name} finished ({sum(map(len, collect(row_list).values()))} runs)")
+    run_all(next_task, after_each)
     print(f"sweep: {n} run(s) this invocation, {(time.time() - t0) / 60:.1f} min; the study is complete")
 
 
@@ -508,7 +576,7 @@ def design_table(row_list):
     ]
 
 
-def report(row_list):
+def report(row_list, quiet=False):
     done = collect(row_list)
     rows_done = [r for r in row_list if done[r]]
     if not rows_done:
@@ -582,7 +650,8 @@ def report(row_list):
     write_csv(os.path.join(results_dir, 'results.csv'), per_run)
     if csv_diffs:
         write_csv(os.path.join(results_dir, 'differences.csv'), csv_diffs)
-    print('\n'.join(md))
+    if not quiet:
+        print('\n'.join(md))
     import plot
     folders = [os.path.join(results_dir, f'{row}_s{seed_of(k)}') for row in rows_done for k in sorted(done[row])]
     plot.main(folders + ['--bands', f'--out={results_dir}'])
@@ -591,23 +660,44 @@ def report(row_list):
 # ----------------------------------------------------------------------------- calibration
 
 def calibration():
-    """The pilot, one seed: (1) learning rates, baseline and learned_shift0 at calib_iters steps on train_tokens;
-    (2) train subset sizes, baseline and baseline_dropout0.2 at max_iters steps. results_dir/calibration.md is
+    """The pilot, one seed: (1) learning rates, baseline and learned_shift0 at calib_iters steps on
+    calib_lr_tokens; (2) train subset sizes, baseline and baseline_dropout0.2 at max_iters steps (with any
+    earlier subset pilot of this learning rate found in results_dir/calibration). calibration.md is
     rewritten after every run, so a pilot stopped half way shows what it has; run again to go on."""
-    plan = [('lr', row, train_tokens, calib_iters, float(lr)) for lr in calib_lrs.split(',')
+    plan = [('lr', row, calib_lr_tokens, calib_iters, float(lr)) for lr in calib_lrs.split(',')
             for row in ('baseline', 'learned_shift0')]
     plan += [('subset', row, int(t), max_iters, learning_rate) for t in calib_tokens.split(',')
              for row in ('baseline', 'baseline_dropout0.2')]
-    done = {}
+    tasks = {}
     for part, row, tokens, iters, lr in plan:
         prepare_data(tokens)
-        name = f'{row}_t{tokens}_i{iters}_lr{lr:g}'
-        settings = run_settings(row, seed0, iters=iters, lr=lr, tokens=tokens)
-        dst = os.path.join(results_dir, 'calibration', name)
-        if not finished(dst, settings):
-            run_one(os.path.join('calibration', name), row, settings, dst)
-        done[part, row, tokens, lr] = (endpoints(dst, iters), read_records(os.path.join(dst, 'metrics.jsonl')))
+        name = os.path.join('calibration', f'{row}_t{tokens}_i{iters}_lr{lr:g}')
+        tasks[name] = (part, row, tokens, lr, run_settings(row, seed0, iters=iters, lr=lr, tokens=tokens))
+
+    def next_task(busy):
+        return next(((name, t[1], t[4], os.path.join(results_dir, name)) for name, t in tasks.items()
+                     if name not in busy and not finished(os.path.join(results_dir, name), t[4])), None)
+
+    def after_each(last=None):
+        done = {}
+        for name, (part, row, tokens, lr, settings) in tasks.items():
+            dst = os.path.join(results_dir, name)
+            if finished(dst, settings):
+                done[part, row, tokens, lr, settings['max_iters']] = (
+                    endpoints(dst, settings['max_iters']), read_records(os.path.join(dst, 'metrics.jsonl')))
+        folder = os.path.join(results_dir, 'calibration')
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:  # earlier subset pilots
+            m = re.fullmatch(r'(baseline|baseline_dropout0\.2)_t(\d+)_i(\d+)_lr([\d.e-]+)', name)
+            key = m and ('subset', m[1], int(m[2]), float(m[4]), int(m[3]))
+            if (key and key not in done and key[3] == learning_rate and (key[2], key[4]) != (calib_lr_tokens, calib_iters)
+                    and final_eval(os.path.join(folder, name), key[4])):
+                done[key] = (endpoints(os.path.join(folder, name), key[4]),
+                             read_records(os.path.join(folder, name, 'metrics.jsonl')))
         write_calibration(done)
+        if commit and last:
+            git_commit(f"study calibration: {last} finished")
+    run_all(next_task, after_each)
+    after_each()
 
 
 def write_calibration(done):
@@ -615,32 +705,35 @@ def write_calibration(done):
     tok_step = ta['batch_size'] * ta.get('gradient_accumulation_steps', 1) * ta['block_size']
     md = ['# Calibration pilot', '', f'Seed {seed0}, one run per cell; cross-entropy on every window of the val '
           f'split (eval mode); the learning rate is shared by every row and min_lr is a tenth of it.', '',
-          f'## Learning rate ({calib_iters} steps on {train_tokens:,} train tokens, {ta["warmup_iters"]} warm-up steps)',
-          '', '| learning rate | baseline final val | learned_shift0 final val | learned_shift0 train keep: at the end '
-          'of warm-up, lowest, at the end |', '|---|---|---|---|']
+          f'## Learning rate ({calib_iters} steps on {calib_lr_tokens:,} train tokens, {ta["warmup_iters"]} warm-up '
+          f'steps)', '', '| learning rate | baseline final val | learned_shift0 final val | learned_shift0 train keep: '
+          'at the end of warm-up, lowest, at the end |', '|---|---|---|---|']
     for lr in [float(x) for x in calib_lrs.split(',')]:
-        b, lrn = done.get(('lr', 'baseline', train_tokens, lr)), done.get(('lr', 'learned_shift0', train_tokens, lr))
+        b, lrn = (done.get(('lr', row, calib_lr_tokens, lr, calib_iters)) for row in ('baseline', 'learned_shift0'))
         keep = '-'
         if lrn:
             steps = [r for r in lrn[1] if 'keep' in r]
             warm = min(steps, key=lambda r: abs(r['iter'] - ta['warmup_iters']))
             keep = f"{warm['keep']:.3f}, {min(r['keep'] for r in steps):.3f}, {lrn[0]['keep_train']:.3f}"
         md.append(f"| {lr:g} | {fmt(b and b[0]['final_val'])} | {fmt(lrn and lrn[0]['final_val'])} | {keep} |")
-    md += ['', f'## Train subset size (baseline and baseline_dropout0.2, {max_iters} steps, learning rate '
-           f'{learning_rate:g})', '', '| train tokens | tokens/param | passes | baseline final val | baseline best val '
-           '(step) | baseline val change over the last quarter | dropout 0.2 final val | Δ dropout 0.2 − baseline '
-           '(primary) |', '|---|---|---|---|---|---|---|---|']
-    for tokens in [int(t) for t in calib_tokens.split(',')]:
-        b, d = done.get(('subset', 'baseline', tokens, learning_rate)), done.get(('subset', 'baseline_dropout0.2', tokens, learning_rate))
+    md += ['', f'## Train subset size (baseline and baseline_dropout0.2, learning rate {learning_rate:g})', '',
+           '| train tokens | steps | tokens/param | passes | baseline final val | baseline best val (step) | baseline '
+           'val change over the last quarter | dropout 0.2 final val | Δ dropout 0.2 − baseline (primary) |',
+           '|---|---|---|---|---|---|---|---|---|']
+    cells = sorted({(k[4], k[2]) for k in done if k[0] == 'subset'})
+    for iters, tokens in cells:
+        b, d = (done.get(('subset', row, tokens, learning_rate, iters)) for row in ('baseline', 'baseline_dropout0.2'))
         if not b:
             continue
-        n = json.load(open(os.path.join(data_dir, dataset_name(tokens), 'meta.json')))['train_tokens']
+        meta = os.path.join(data_dir, dataset_name(tokens), 'meta.json')
+        n = json.load(open(meta))['train_tokens'] if os.path.exists(meta) else tokens
         evals = [r for r in b[1] if 'val/loss' in r]
         best = min(evals, key=lambda r: r['val/loss'])
-        quarter = min(evals, key=lambda r: abs(r['iter'] - 0.75 * max_iters))
-        md.append(f"| {n:,} | {n / b[0]['params']:.2f} | {max_iters * tok_step / n:.3g} | {b[0]['final_val']:.3f} | "
-                  f"{b[0]['best_val']:.3f} ({best['iter']}) | {evals[-1]['val/loss'] - quarter['val/loss']:+.3f} | "
-                  f"{fmt(d and d[0]['final_val'])} | {fmt(d and d[0]['primary'] - b[0]['primary'], signed=True)} |")
+        quarter = min(evals, key=lambda r: abs(r['iter'] - 0.75 * iters))
+        md.append(f"| {n:,} | {iters:,} | {n / b[0]['params']:.2f} | {iters * tok_step / n:.3g} | "
+                  f"{b[0]['final_val']:.3f} | {b[0]['best_val']:.3f} ({best['iter']}) | "
+                  f"{evals[-1]['val/loss'] - quarter['val/loss']:+.3f} | {fmt(d and d[0]['final_val'])} | "
+                  f"{fmt(d and d[0]['primary'] - b[0]['primary'], signed=True)} |")
     md += ['', 'The rule: the subset where the baseline\'s val is rising at the end and dropout 0.2 beats it by about '
            '0.1 nats; one learning rate for every row, where neither model is clearly worse and the masks do not '
            'collapse during the warm-up.']
@@ -679,7 +772,7 @@ RULES = {
     'calib_tokens': ("all(s.strip().isdigit() for s in x.split(','))", "a comma-separated list of integers"),
     'calib_lrs': ("all(s.replace('.', '', 1).replace('e-', '', 1).isdigit() for s in x.split(','))",
                   "a comma-separated list of learning rates, e.g. 1e-3,2e-3"),
-    'calib_iters': 'x >= 1',
+    'calib_iters': 'x >= 1', 'calib_lr_tokens': 'x >= 1', 'jobs': 'x >= 1',
 }
 
 
@@ -688,7 +781,8 @@ def main():
         globals().update(configure({k: globals()[k] for k in (
             'rows', 'seed0', 'min_seeds', 'min_seeds_other', 'max_seeds', 'target_ci', 'max_iters', 'train_tokens',
             'val_tokens', 'vocab_size', 'learning_rate', 'learned_shape', 'baseline_shape', 'train_args', 'data_dir',
-            'out_root', 'results_dir', 'report_only', 'calibrate', 'calib_tokens', 'calib_lrs', 'calib_iters')},
+            'out_root', 'results_dir', 'jobs', 'commit', 'report_only', 'calibrate', 'calib_tokens', 'calib_lrs',
+            'calib_iters', 'calib_lr_tokens')},
             sys.argv[1:], __file__, __doc__, RULES))
     except ConfigError as e:
         fail(str(e))

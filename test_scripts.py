@@ -165,14 +165,23 @@ STUDY_TOY = ['--rows=learned_shift0,baseline', '--min_seeds=2', '--min_seeds_oth
 def test_reproduce_smoke(data_dir, tmp_path, capsys):
     """The whole study pipeline at toy size: data, 2 rows x 2 seeds, endpoints, paired statistics, the
     report and its charts; a second invocation runs nothing; a run finished but not yet copied resumes."""
+    git = lambda *a: subprocess.run(['git', '-C', str(tmp_path), *a], capture_output=True, text=True)  # noqa: E731
+    git('init', '-q')
+    git('config', 'user.email', 'study@example.org')
+    git('config', 'user.name', 'study')
     args = [sys.executable, os.path.join(HERE, 'reproduce.py'), *STUDY_TOY, f'--data_dir={data_dir}',
-            f'--out_root={tmp_path / "out"}', f'--results_dir={tmp_path / "res"}']
+            f'--out_root={tmp_path / "out"}', f'--results_dir={tmp_path / "res"}', '--jobs=2', '--commit=True']
     r = subprocess.run(args, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     assert 'parameters: learned 8,704' in r.stdout and 'baseline 8,619' in r.stdout and '+0.99%' in r.stdout
-    # priority order, seed-major: baseline before learned_shift0, seed 1337 before 1338
-    assert re.findall(r'^(\S+): done in', r.stdout, re.M) == ['baseline_s1337', 'learned_shift0_s1337',
-                                                               'baseline_s1338', 'learned_shift0_s1338']
+    # two at a time, one thread each (the order is test_study_schedule's)
+    assert sorted(re.findall(r'^(\S+): done in', r.stdout, re.M)) == ['baseline_s1337', 'baseline_s1338',
+                                                                       'learned_shift0_s1337', 'learned_shift0_s1338']
+    # every finished run was committed with the report as it stood; nothing is left uncommitted
+    log = git('log', '--format=%s').stdout.splitlines()
+    assert len(log) == 4 and all(re.fullmatch(r'study: \S+_s133[78] finished \(\d runs\)', s) for s in log), log
+    assert log[0].endswith('(4 runs)') and git('status', '--porcelain', 'res').stdout == ''
+    assert 'res/results.md' in git('show', '--name-only', '--format=', 'HEAD~3').stdout
     # the data: GPT-2 cut to 299 ranks + <|endoftext|> = 299, whole documents, ids < 300
     data = os.path.join(data_dir, 'study_v300_t3000_val1500')
     meta = json.load(open(os.path.join(data, 'meta.json')))
@@ -256,6 +265,16 @@ def test_study_schedule(monkeypatch):
     # learned_shift_pi vs baseline is noisy (+-0.1): it gets seeds 1 and 2; learned_shift0 is tight after 2 seeds
     assert order == ['baseline:0', 'learned_shift0:0', 'baseline:1', 'learned_shift0:1', 'learned_shift_pi:0',
                      'learned_shift_pi:1', 'baseline:2', 'learned_shift_pi:2']
+    # runs in flight (jobs > 1) are not started twice: the next free one in the same order
+    empty = {r: {} for r in rows}
+    assert reproduce.next_run(rows, empty, busy={'baseline_s1337'}) == (0, 'learned_shift0')
+    assert reproduce.next_run(rows, empty, busy={'baseline_s1337', 'learned_shift0_s1337'}) == (1, 'baseline')
+    noisy = {'baseline': {0: {'primary': 5.0}, 1: {'primary': 5.0}},
+             'learned_shift0': {0: {'primary': 5.0}, 1: {'primary': 5.001}},
+             'learned_shift_pi': {0: {'primary': 5.1}, 1: {'primary': 4.9}}}
+    assert reproduce.next_run(rows, noisy) == (2, 'baseline')
+    assert reproduce.next_run(rows, noisy, busy={'baseline_s1339'}) == (2, 'learned_shift_pi')
+    assert reproduce.next_run(rows, noisy, busy={'baseline_s1339', 'learned_shift_pi_s1339'}) is None
 
 
 def test_study_statistics_hand_cases():
