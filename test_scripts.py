@@ -249,6 +249,31 @@ def test_reproduce_smoke(data_dir, tmp_path, capsys):
     assert 'was trained with learning_rate=' in capsys.readouterr().err
 
 
+def test_calibration_pilot(data_dir, tmp_path):
+    """The pilot at toy size: the learning-rate cells (baseline, learned_shift0) and the subset cells
+    (baseline, dropout 0.2) land in calibration.md with their numbers; a second invocation runs nothing."""
+    args = [sys.executable, os.path.join(HERE, 'reproduce.py'), *STUDY_TOY, f'--data_dir={data_dir}',
+            f'--out_root={tmp_path / "out"}', f'--results_dir={tmp_path / "res"}', '--calibrate=True',
+            '--calib_lrs=1e-3', '--calib_lr_tokens=3000', '--calib_iters=3', '--calib_tokens=2500', '--jobs=2']
+    r = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert sorted(re.findall(r'^calibration/(\S+): done in', r.stdout, re.M)) == [
+        'baseline_dropout0.2_t2500_i4_lr0.002', 'baseline_t2500_i4_lr0.002', 'baseline_t3000_i3_lr0.001',
+        'learned_shift0_t3000_i3_lr0.001']
+    md = (tmp_path / 'res' / 'calibration.md').read_text()
+    evals = lambda name: [json.loads(x) for x in open(tmp_path / 'res' / 'calibration' / name / 'metrics.jsonl')  # noqa: E731
+                          if 'val/loss' in x]
+    b, lrn = evals('baseline_t3000_i3_lr0.001')[-1], evals('learned_shift0_t3000_i3_lr0.001')[-1]
+    assert re.search(rf"^\| 0.001 \| {b['val/loss']:.3f} \| {lrn['val/loss']:.3f} \| [\d.]+, [\d.]+, [\d.]+ \|$", md, re.M)
+    b, d = (evals(f'{row}_t2500_i4_lr0.002') for row in ('baseline', 'baseline_dropout0.2'))
+    delta = sum(x['val/loss'] for x in d[-3:]) / 3 - sum(x['val/loss'] for x in b[-3:]) / 3
+    row = next(x for x in md.splitlines() if re.match(r'\| [\d,]+ \| 4 \|', x))
+    assert row.split(' | ')[4] == f"{b[-1]['val/loss']:.3f}" and row.endswith(f'| {delta:+.3f} |')
+    assert "This study (reproduce.py's defaults): 3,000 train tokens" in md
+    r = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and 'done in' not in r.stdout, r.stderr
+
+
 def test_study_schedule(monkeypatch):
     """Priority rows' seeds first (seed-major), then the others; then a seed more for a comparison whose
     interval is wider than target_ci, until max_seeds."""
