@@ -432,6 +432,33 @@ def test_kv_cache_matches_full_recompute(module):
     assert len(set(out[0, 5:].tolist())) > 3
 
 
+@pytest.mark.parametrize('T, past', [(12, 0), (1, 11), (5, 7)])
+def test_cpu_low_precision_attention_matches_float32(T, past):
+    """On a CPU, bf16 attention takes the explicit path (scores, float32 softmax, values): it computes
+    what float32 scaled_dot_product_attention computes, with a past in a KV cache or without, and so
+    do its gradients; heads of 13 as in the seed's baseline."""
+    torch.manual_seed(0)
+    c_attn = torch.nn.Linear(52, 3 * 52, bias=False)
+    x = torch.randn(3, past + T, 52)
+
+    def run(dtype):
+        xs, w = x.clone().requires_grad_(True), c_attn.weight.detach().to(dtype).requires_grad_(True)
+        lin = lambda z: z.to(dtype) @ w.t()  # noqa: E731
+        cache = baseline_model.KVCache()
+        if past:
+            baseline_model.attend(lin, xs[:, :past], 4, cache)
+        y = baseline_model.attend(lin, xs[:, past:], 4, cache if past else None)  # (3, T, 52)
+        (y.float() * torch.linspace(-1, 1, 52)).sum().backward()
+        return y.float(), xs.grad, w.grad.float()
+    for ref, low in zip(run(torch.float32), run(torch.bfloat16)):
+        torch.testing.assert_close(low, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    # the explicit path is causal: a later token changes nothing before it
+    lin = lambda z: z.to(torch.bfloat16) @ c_attn.weight.detach().to(torch.bfloat16).t()  # noqa: E731
+    y1 = baseline_model.attend(lin, x[:, :8], 4)
+    y2 = baseline_model.attend(lin, torch.cat([x[:, :7], -x[:, 7:8]], 1), 4)
+    assert torch.equal(y1[:, :7], y2[:, :7]) and not torch.equal(y1[:, 7], y2[:, 7])
+
+
 def test_generate_sampling_distribution():
     """top_k=1 is greedy decoding; top_k=k only ever emits one of the k most likely tokens; top_k=None
     samples the softmax of logits / temperature."""
