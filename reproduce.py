@@ -6,7 +6,7 @@ $ python reproduce.py --calibrate=True --jobs=2   # the calibration pilot: resul
 $ python reproduce.py --jobs=2 --commit=True      # the sweep on 2 cores; resumable run by run (stop it at any
                                                   # time, run it again); every finished run is committed
 $ python reproduce.py --report_only=True          # rebuild the tables and charts from results/study/
-On a GPU, add device=cuda (and compile=True) to --train_args, and another --results_dir.
+On a GPU, add device=cuda to --train_args, and another --results_dir.
 
 Design. Every row trains with its own config file (config/<row>.py: penalty, shift_init, dropout, experts,
 mask variant are that row's); only the scale is overridden, here and nowhere else:
@@ -91,7 +91,7 @@ learning_rate = 2e-3  # shared by every row (calibrated); min_lr is a tenth of i
 learned_shape = 'n_layer=4,n_embd=48,n_head=3'  # learned rows: 3 heads of 16 (the seed: 26 x 144, 9 heads of 16)
 baseline_shape = 'n_layer=4,n_embd=52,n_head=4'  # baseline and MoE rows: 4 heads of 13 (the seed: 26 x 156, 12 of 13)
 train_args = ('block_size=128,batch_size=32,gradient_accumulation_steps=1,warmup_iters=300,'  # other train.py settings
-              'eval_interval=200,eval_windows=all,log_interval=20,compile=False,dtype=auto')
+              'eval_interval=200,eval_windows=all,log_interval=20,compile=True,dtype=auto')
 data_dir = 'data'  # wiki_sample is prepared here if missing; the study's data goes to data_dir/study_v*_t*
 out_root = 'out/study'  # run folders (checkpoints)
 results_dir = 'results/study'  # finished runs' metrics and config, the tables and the charts (commit these)

@@ -408,13 +408,12 @@ def test_sigterm_during_startup_exits_cleanly(data_dir, tmp_path):
     assert 'during start-up; nothing was trained' in err
 
 
-def test_auto_dtype_weighs_the_output_layer(monkeypatch):
-    """On a CPU with bf16 instructions 'auto' picks bf16 autocast for a wide output layer (measured
-    faster) and float32 for a small one (measured faster there); without them, float32."""
+def test_auto_dtype_on_a_cpu(monkeypatch):
+    """On a CPU with bf16 instructions 'auto' picks bf16 autocast (measured faster at every shape);
+    without them, float32; an explicit dtype is kept."""
     import runtime
     monkeypatch.setattr(runtime, 'cpu_has_fast_bf16', lambda: True)
-    assert runtime.pick_dtype('auto', 'cpu', 50257 * 64) == 'bfloat16'
-    assert runtime.pick_dtype('auto', 'cpu', 2049 * 48) == 'float32'
-    assert runtime.pick_dtype('float32', 'cpu', 50257 * 64) == 'float32'
+    assert runtime.pick_dtype('auto', 'cpu') == 'bfloat16'
+    assert runtime.pick_dtype('float32', 'cpu') == 'float32'
     monkeypatch.setattr(runtime, 'cpu_has_fast_bf16', lambda: False)
-    assert runtime.pick_dtype('auto', 'cpu', 50257 * 64) == 'float32'
+    assert runtime.pick_dtype('auto', 'cpu') == 'float32'

@@ -97,7 +97,7 @@ min_lr = 9e-5  # learning rate at the end of the cosine
 # system
 backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
 device = 'auto'  # 'auto' = cuda > mps > cpu; or e.g. 'cpu', 'cuda:1'
-dtype = 'auto'  # 'auto' = bf16 autocast on GPUs, and on CPUs with bf16 instructions for a wide output layer; else float32
+dtype = 'auto'  # 'auto' = bf16 autocast on GPUs and on CPUs with bf16 instructions (AVX512-BF16, AMX); else float32
 compile = True  # torch.compile the model, as the seed runs did (a cold compile takes 20 s to 2 minutes on a CPU)
 seed = 1337  # model init, mask noise and batch order
 # -----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ except (OSError, ValueError, TypeError, KeyError) as e:
     what = f"has no {e}" if isinstance(e, KeyError) else f"cannot be read ({type(e).__name__})"
     fail(f"{data_path}/meta.json {what}: the preparation is incomplete or damaged; run prepare_wiki.py again "
          f"with --force")
-dtype = pick_dtype(dtype, device_type, vocab_size * n_embd)  # 'auto' weighs the output layer's width
+dtype = pick_dtype(dtype, device_type)
 ctx = autocast(dtype, device_type)
 for split in ('train', 'val'):
     n_tokens = os.path.getsize(os.path.join(data_path, f'{split}.bin')) // 2
