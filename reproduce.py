@@ -516,9 +516,10 @@ def sweep(row_list):
     def after_each(name):
         nonlocal n
         n += 1
-        if commit:
+        if commit:  # the tables as they stand (the charts at the end, or with --report_only)
             report(row_list, quiet=True)
-            git_commit(f"study: {name} finished ({sum(map(len, collect(row_list).values()))} runs)")
+            runs = sum(map(len, collect(row_list).values()))
+            git_commit(f"study: {name} finished ({runs} finished run{'s' if runs > 1 else ''})")
     run_all(next_task, after_each)
     print(f"sweep: {n} run(s) this invocation, {(time.time() - t0) / 60:.1f} min; the study is complete")
 
@@ -578,6 +579,7 @@ def design_table(row_list):
 
 
 def report(row_list, quiet=False):
+    """results.md and .csv from the finished runs; the charts too unless quiet."""
     done = collect(row_list)
     rows_done = [r for r in row_list if done[r]]
     if not rows_done:
@@ -651,8 +653,9 @@ def report(row_list, quiet=False):
     write_csv(os.path.join(results_dir, 'results.csv'), per_run)
     if csv_diffs:
         write_csv(os.path.join(results_dir, 'differences.csv'), csv_diffs)
-    if not quiet:
-        print('\n'.join(md))
+    if quiet:
+        return
+    print('\n'.join(md))
     import plot
     folders = [os.path.join(results_dir, f'{row}_s{seed_of(k)}') for row in rows_done for k in sorted(done[row])]
     plot.main(folders + ['--bands', f'--out={results_dir}'])
@@ -804,6 +807,8 @@ def main():
     shutil.copy(os.path.join(path, 'meta.json'), os.path.join(results_dir, 'data.json'))
     sweep(row_list)
     report(row_list)
+    if commit:
+        git_commit('study: the report and its charts')
 
 
 if __name__ == '__main__':

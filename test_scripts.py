@@ -179,9 +179,14 @@ def test_reproduce_smoke(data_dir, tmp_path, capsys):
                                                                        'learned_shift0_s1337', 'learned_shift0_s1338']
     # every finished run was committed with the report as it stood; nothing is left uncommitted
     log = git('log', '--format=%s').stdout.splitlines()
-    assert len(log) == 4 and all(re.fullmatch(r'study: \S+_s133[78] finished \(\d runs\)', s) for s in log), log
-    assert log[0].endswith('(4 runs)') and git('status', '--porcelain', 'res').stdout == ''
-    assert 'res/results.md' in git('show', '--name-only', '--format=', 'HEAD~3').stdout
+    assert log[0] == 'study: the report and its charts' and len(log) == 5, log
+    assert all(re.fullmatch(r'study: \S+_s133[78] finished \(\d finished runs?\)', s) for s in log[1:]), log
+    assert log[4].endswith('(1 finished run)') and log[1].endswith('(4 finished runs)')
+    assert 'res/results.md' in git('show', '--name-only', '--format=', 'HEAD~4').stdout
+    # the charts (they change with every run) come with the last commit only; nothing is left uncommitted
+    assert 'res/bands.png' in git('show', '--name-only', '--format=', 'HEAD').stdout
+    assert 'res/bands.png' not in git('show', '--name-only', '--format=', 'HEAD~1').stdout
+    assert git('status', '--porcelain', 'res').stdout == ''
     # the data: GPT-2 cut to 299 ranks + <|endoftext|> = 299, whole documents, ids < 300
     data = os.path.join(data_dir, 'study_v300_t3000_val1500')
     meta = json.load(open(os.path.join(data, 'meta.json')))
