@@ -75,9 +75,10 @@ def attend(c_attn, x, n_head, kv_cache=None, dropout_p=0.0):
             k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
         kv_cache[c_attn] = (k, v)
     Tk = k.size(2)
-    if x.device.type == 'cpu' and q.dtype != torch.float32 and T > 1:
+    if x.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and T > 1:
         # CPU's fused kernel is 1.9-2.4x slower than these three ops in bf16 (fwd + bwd, seed shapes), though
-        # faster in float32 and for one new token; scores are scaled and normalized in float32
+        # faster in float32 and for one new token; the scores (a bf16 product) are scaled and normalized
+        # in float32
         mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # causal, bottom right
         att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
         att = att.masked_fill(~mask, float('-inf')).softmax(dim=-1)

@@ -1,6 +1,6 @@
 """
 Reproduction v2: a powered study of the seed's table (METHOD.md section 6) and of the variants, in the
-seed's regime (the no-dropout baseline overfits, dropout 0.2 helps by about 0.1 nats), on a CPU.
+seed's regime (the no-dropout baseline overfits and dropout 0.2 ends below it), on a CPU.
 
 $ python reproduce.py --calibrate=True --jobs=2   # the calibration pilot: results/study/calibration.md
 $ python reproduce.py --jobs=2 --commit=True      # the sweep on 2 cores; resumable run by run (stop it at any
@@ -95,7 +95,7 @@ train_args = ('block_size=128,batch_size=32,gradient_accumulation_steps=1,warmup
 data_dir = 'data'  # wiki_sample is prepared here if missing; the study's data goes to data_dir/study_v*_t*
 out_root = 'out/study'  # run folders (checkpoints)
 results_dir = 'results/study'  # finished runs' metrics and config, the tables and the charts (commit these)
-jobs = 1  # runs trained at once, each with cpu_count // jobs threads (on 2 cores, 2 jobs train ~1.25x faster than 1)
+jobs = 1  # runs trained at once, each with cpu_count // jobs threads (2 cores, 2 jobs: 1.1x (bf16) to 1.25x (fp32) the throughput)
 commit = False  # git-commit results_dir after every finished run (a sweep spread over days loses nothing)
 report_only = False  # skip training, rebuild the tables and charts
 calibrate = False  # run the calibration pilot instead of the sweep: results_dir/calibration.md
@@ -229,17 +229,26 @@ def final_eval(folder, iters):
     return next((r for r in read_records(path) if 'val/loss' in r and r['iter'] == iters), None)
 
 
+def mismatch(dst, settings):
+    """The first setting that dst's run was trained with differently, as 'key=theirs, this study has ours',
+    or None. config.json holds what 'auto' chose (dtype, device); compiled or not, a run is the same
+    experiment."""
+    with open(os.path.join(dst, 'config.json')) as f:
+        conf = json.load(f)
+    for k, v in settings.items():
+        if conf.get(k) != v and v != 'auto' and k != 'compile':
+            return f"{k}={conf.get(k)!r}, this study has {k}={v!r}"
+    return None
+
+
 def finished(dst, settings):
     """True when dst holds a finished run of these settings; an error if it holds another design's run."""
     if final_eval(dst, settings['max_iters']) is None:
         return False
-    with open(os.path.join(dst, 'config.json')) as f:
-        conf = json.load(f)
-    for k, v in settings.items():
-        # config.json holds what 'auto' chose (dtype, device); compiled or not, a run is the same experiment
-        if conf.get(k) != v and v != 'auto' and k != 'compile':
-            fail(f"{dst} was trained with {k}={conf.get(k)!r}, this study has {k}={v!r}: point --results_dir "
-                 f"and --out_root elsewhere for a new design (or remove the old runs)")
+    other = mismatch(dst, settings)
+    if other:
+        fail(f"{dst} was trained with {other}: point --results_dir and --out_root elsewhere for a new design "
+             f"(or remove the old runs)")
     return True
 
 
@@ -255,7 +264,7 @@ def start_run(name, row, settings, dst):
            '--init_from=resume' if resume else '--init_from=scratch', '--overwrite=True']
     cmd += [f'--{k}={v}' for k, v in settings.items()]
     env = dict(os.environ)
-    if jobs > 1 and 'OMP_NUM_THREADS' not in env:  # share the cores: oversubscribed OpenMP threads spin-wait
+    if jobs > 1:  # share the cores: oversubscribed OpenMP threads spin-wait
         env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, 'train.log')
@@ -271,7 +280,7 @@ def finish_run(run, code):
     """After a child exits: copy a finished run's metrics and config to its dst; the error of a failed one
     (None when it finished or was stopped by a signal)."""
     name, out_dir = run['name'], run['out_dir']
-    if code != 0 and not stop_signal:
+    if code != 0 and not (stop_signal and code < 0):  # killed by the forwarded signal: stopped, not failed
         with open(run['log_path']) as f:
             last = [line.strip() for line in f if line.strip()][-1:]
         return f"{name} failed (exit {code}): {last[0] if last else '?'} (log: {run['log_path']})"
@@ -299,18 +308,21 @@ def run_all(next_task, after_each):
         for r in running:
             r['child'].send_signal(signum)
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    changed = True  # ask next_task again only when a run has ended (it reads every finished run)
     try:
         while True:
-            while not stop_signal and not error and len(running) < jobs:
+            while changed and not stop_signal and not error and len(running) < jobs:
                 task = next_task({r['name'] for r in running})
                 if task is None:
                     break
                 running.append(start_run(*task))
+            changed = False
             if not running:
                 break
             time.sleep(0.5)
             for r in [r for r in running if r['child'].poll() is not None]:
                 running.remove(r)
+                changed = True
                 err = finish_run(r, r['child'].returncode)
                 if err and not error:
                     error = err
@@ -319,6 +331,9 @@ def run_all(next_task, after_each):
                 elif not err and not stop_signal and final_eval(r['out_dir'], r['settings']['max_iters']):
                     after_each(r['name'])
     finally:
+        for r in running:  # an error here must not leave runs training without their parent
+            r['child'].send_signal(signal.SIGTERM)
+            r['child'].wait()
         for s, h in old.items():
             signal.signal(s, h)
     if error:
@@ -330,19 +345,21 @@ def run_all(next_task, after_each):
 
 def git_commit(message):
     """Commit results_dir (and only it) to the git repository it lies in; retried while another git
-    command holds the index. A warning, not an error, when it cannot."""
+    command holds a lock. A warning, not an error, when it cannot."""
+    env = dict(os.environ, LC_ALL='C')
+    git = lambda *a: subprocess.run(['git', *a], cwd=results_dir, capture_output=True, text=True, env=env)  # noqa: E731
     for _ in range(30):
-        r = subprocess.run(['git', 'add', '--', '.'], cwd=results_dir, capture_output=True, text=True)
+        r = git('add', '--', '.')
         if r.returncode == 0:
-            r = subprocess.run(['git', 'commit', '-q', '-m', message, '--', '.'], cwd=results_dir,
-                               capture_output=True, text=True)
-            if r.returncode == 0 or 'nothing' in r.stdout or 'no changes' in r.stdout:
+            if git('diff', '--cached', '--quiet', '--', '.').returncode == 0:
+                return  # nothing new
+            r = git('commit', '-q', '-m', message, '--', '.')
+            if r.returncode == 0:
                 return
-        if 'index.lock' not in r.stderr:
-            print(f"reproduce.py: warning: could not commit {results_dir}: {(r.stderr or r.stdout).strip()}",
-                  file=sys.stderr)
-            return
+        if '.lock' not in r.stderr:
+            break
         time.sleep(2)
+    print(f"reproduce.py: warning: could not commit {results_dir}: {(r.stderr or r.stdout).strip()}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -411,6 +428,7 @@ def endpoints(folder, iters):
            'final_val': evals[-1]['val/loss'], 'final_train': evals[-1]['train/loss'],
            'curve': [(r['train/loss'], r['val/loss']) for r in evals],
            'ms': statistics.median([r['ms_per_iter'] for r in steps if 'ms_per_iter' in r] or [float('nan')]),
+           'precision': f"{conf.get('dtype')}, {'compiled' if conf.get('compile') else 'eager'}",
            'keep_train': None, 'keep_eval': None, 'keep_change': None, 'settled': None, 'load_entropy': None,
            **cost(conf)}
     if 'keep' in steps[-1]:
@@ -693,10 +711,11 @@ def calibration():
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:  # earlier subset pilots
             m = re.fullmatch(r'(baseline|baseline_dropout0\.2)_t(\d+)_i(\d+)_lr([\d.e-]+)', name)
             key = m and ('subset', m[1], int(m[2]), float(m[4]), int(m[3]))
+            dst = os.path.join(folder, name)
             if (key and key not in done and key[3] == learning_rate and (key[2], key[4]) != (calib_lr_tokens, calib_iters)
-                    and final_eval(os.path.join(folder, name), key[4])):
-                done[key] = (endpoints(os.path.join(folder, name), key[4]),
-                             read_records(os.path.join(folder, name, 'metrics.jsonl')))
+                    and final_eval(dst, key[4])
+                    and not mismatch(dst, run_settings(key[1], seed0, iters=key[4], lr=key[3], tokens=key[2]))):
+                done[key] = (endpoints(dst, key[4]), read_records(os.path.join(dst, 'metrics.jsonl')))
         write_calibration(done)
         if commit and last:
             git_commit(f"study calibration: {last} finished")
@@ -708,7 +727,8 @@ def write_calibration(done):
     ta = parse_kv(train_args)
     tok_step = ta['batch_size'] * ta.get('gradient_accumulation_steps', 1) * ta['block_size']
     md = ['# Calibration pilot', '', f'Seed {seed0}, one run per cell; cross-entropy on every window of the val '
-          f'split (eval mode); the learning rate is shared by every row and min_lr is a tenth of it.', '',
+          f'split (eval mode); the learning rate is shared by every row and min_lr is a tenth of it. Runs: '
+          f"{'; '.join(sorted({e['precision'] for e, _ in done.values()})) or '-'}.", '',
           f'## Learning rate ({calib_iters} steps on {calib_lr_tokens:,} train tokens, {ta["warmup_iters"]} warm-up '
           f'steps)', '', '| learning rate | baseline final val | learned_shift0 final val | learned_shift0 train keep: '
           'at the end of warm-up, lowest, at the end |', '|---|---|---|---|']
