@@ -95,7 +95,7 @@ train_args = ('block_size=128,batch_size=32,gradient_accumulation_steps=1,warmup
 data_dir = 'data'  # wiki_sample is prepared here if missing; the study's data goes to data_dir/study_v*_t*
 out_root = 'out/study'  # run folders (checkpoints)
 results_dir = 'results/study'  # finished runs' metrics and config, the tables and the charts (commit these)
-jobs = 1  # runs trained at once, each with cpu_count // jobs threads (2 cores, 2 jobs: 1.1x (bf16) to 1.25x (fp32) the throughput)
+jobs = 1  # runs trained at once, each with cpu_count // jobs threads (2 cores, 2 jobs: 1.05x (bf16) to 1.25x (fp32) the throughput)
 commit = False  # git-commit results_dir after every finished run (a sweep spread over days loses nothing)
 report_only = False  # skip training, rebuild the tables and charts
 calibrate = False  # run the calibration pilot instead of the sweep: results_dir/calibration.md

@@ -64,6 +64,9 @@ def test_sample_deterministic_for_a_seed(runs, capsys, model_type):
     args = [f'--out_dir={runs[model_type]}', '--num_samples=2', '--max_new_tokens=20', '--seed=7']
     code, out1, _ = sample(capsys, *args)
     assert code == 0 and f'{model_type} model' in out1 and 'tokens/s' in out1
+    assert out1.rstrip().endswith('cpu, float32)')  # 'auto' on a CPU: float32 generates faster there
+    _, out4, _ = sample(capsys, *args, '--dtype=bfloat16')
+    assert out4.rstrip().endswith('cpu, bfloat16)')
     _, out2, _ = sample(capsys, *args)
     _, out3, _ = sample(capsys, *args[:-1], '--seed=8')
     assert texts(out1) == texts(out2)
