@@ -328,7 +328,7 @@ def run_all(next_task, after_each):
                     error = err
                     for other in running:
                         other['child'].send_signal(signal.SIGTERM)
-                elif not err and not stop_signal and final_eval(r['out_dir'], r['settings']['max_iters']):
+                elif not err and not stop_signal:  # finish_run copied a finished run
                     after_each(r['name'])
     finally:
         for r in running:  # an error here must not leave runs training without their parent
@@ -535,8 +535,7 @@ def sweep(row_list):
         nonlocal n
         n += 1
         if commit:  # the tables as they stand (the charts at the end, or with --report_only)
-            report(row_list, quiet=True)
-            runs = sum(map(len, collect(row_list).values()))
+            runs = sum(map(len, report(row_list, quiet=True).values()))
             git_commit(f"study: {name} finished ({runs} finished run{'s' if runs > 1 else ''})")
     run_all(next_task, after_each)
     print(f"sweep: {n} run(s) this invocation, {(time.time() - t0) / 60:.1f} min; the study is complete")
@@ -597,7 +596,8 @@ def design_table(row_list):
 
 
 def report(row_list, quiet=False):
-    """results.md and .csv from the finished runs; the charts too unless quiet."""
+    """results.md and .csv from the finished runs; the charts too unless quiet. Returns collect()'s
+    {row: {seed index: endpoints}}."""
     done = collect(row_list)
     rows_done = [r for r in row_list if done[r]]
     if not rows_done:
@@ -672,11 +672,12 @@ def report(row_list, quiet=False):
     if csv_diffs:
         write_csv(os.path.join(results_dir, 'differences.csv'), csv_diffs)
     if quiet:
-        return
+        return done
     print('\n'.join(md))
     import plot
     folders = [os.path.join(results_dir, f'{row}_s{seed_of(k)}') for row in rows_done for k in sorted(done[row])]
     plot.main(folders + ['--bands', f'--out={results_dir}'])
+    return done
 
 
 # ----------------------------------------------------------------------------- calibration
