@@ -11,16 +11,19 @@ $ torchrun --standalone --nproc_per_node=4 train.py config/baseline.py
 The defaults below are the seed runs' shared settings (METHOD.md, "The seed experiments").
 """
 
+import os
 import signal
 import sys
 
 
 def _stopped_early(signum, frame):
     # until the training loop's handler is installed (imports, data and config checks, model setup) a
-    # signal means nothing was trained yet: leave at once
+    # signal means nothing was trained yet: leave at once. os._exit, not sys.exit: a SystemExit raised
+    # inside a half-done `import torch` or `import numpy` can abort the interpreter's shutdown (SIGABRT);
+    # start-up writes only whole files by rename, and the run lock is released by the kernel
     print(f"train.py: stopped by {signal.Signals(signum).name} during start-up; nothing was trained",
-          file=sys.stderr)
-    sys.exit(0)
+          file=sys.stderr, flush=True)
+    os._exit(0)
 
 
 signal.signal(signal.SIGTERM, _stopped_early)
@@ -29,7 +32,6 @@ signal.signal(signal.SIGINT, _stopped_early)
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
