@@ -113,9 +113,10 @@ def plot_keep_layers(name, steps, out):
     recs = [r for r in steps if 'keep_per_layer' in r]
     grid = np.array([r['keep_per_layer'] for r in recs]).T  # (layers, logged steps)
     iters = [r['iter'] for r in recs]
+    half = (iters[-1] - iters[0]) / (2 * (len(iters) - 1)) if len(iters) > 1 else 0.5  # columns centred on their step
     fig, ax = layer_heatmap(grid, (10, 0.25 * grid.shape[0] + 2), 'viridis', 'iteration',
                             f'{name}: keep fraction of the training masks per layer',
-                            extent=(iters[0], iters[-1], -0.5, grid.shape[0] - 0.5))
+                            extent=(iters[0] - half, iters[-1] + half, -0.5, grid.shape[0] - 0.5))
     return save(fig, out, f'keep_layers_{name}')
 
 
