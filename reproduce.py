@@ -40,7 +40,9 @@ windows: the whole val split; the train split capped at val's number of windows,
 - cost: parameters total and active per token, training FLOPs per token, measured ms per step (median).
 Statistics: for each row against baseline and against baseline_dropout0.2, paired by seed: mean difference,
 95% t-interval, number of seeds, two-sided p; the primary endpoint's comparisons are Holm-corrected
-together (family-wise 5%); secondary differences get uncorrected intervals.
+together (family-wise 5%); secondary differences get uncorrected intervals. A second table puts every
+other row against learned_shift0 (initialisation, penalty, MoE, higher dropout, mask variants), the same
+statistics Holm-corrected as a family of their own; it does not decide how many seeds a row gets.
 
 Runs train in out_root/<row>_s<seed>/ (checkpoints; an interrupted run resumes from its ckpt.pt); a finished
 run's metrics.jsonl and config.json are copied to results_dir/<row>_s<seed>/ (no checkpoints in results).
@@ -69,7 +71,8 @@ SEED_ROWS = ['learned_shift0', 'learned_no_penalty', 'learned_shift_pi2', 'learn
              'baseline', 'baseline_dropout0.2', 'baseline_dropout0.3', 'baseline_dropout0.4']
 ROWS = SEED_ROWS + ['moe_params', 'moe_flops', 'learned_precomputed', 'learned_soft', 'learned_fourier']
 PRIORITY = ['baseline', 'baseline_dropout0.2', 'learned_shift0', 'learned_no_penalty', 'moe_params', 'learned_soft']
-REFS = ['baseline', 'baseline_dropout0.2']  # every row is compared with these
+REFS = ['baseline', 'baseline_dropout0.2']  # every row is compared with these (the declared family)
+METHOD_REF = 'learned_shift0'  # the write-up's method: the other rows against it in a second family
 SEED_RESULTS = {  # the seed's reported train / val cross-entropy and keep fraction (METHOD.md section 6)
                 'learned_shift0': (2.937, 3.384, 0.6167), 'learned_no_penalty': (2.911, 3.403, 0.9609),
                 'learned_shift_pi2': (2.967, 3.405, 0.5955), 'learned_shift_pi': (3.055, 3.457, 0.2507),
@@ -494,6 +497,11 @@ def comparisons(row_list):
             if row != ref and not (row in REFS and REFS.index(row) < REFS.index(ref))]
 
 
+def method_comparisons(row_list):
+    """(row, METHOD_REF) pairs of the second family: every row that is neither a reference nor the method."""
+    return [(row, METHOD_REF) for row in row_list if METHOD_REF in row_list and row not in REFS + [METHOD_REF]]
+
+
 def next_run(row_list, done, busy=()):
     """(seed index, row) to run next, or None when nothing is left to start: the fixed plan first, then
     the seeds that the open comparisons need (lowest seed first, then priority order); runs named in busy
@@ -595,6 +603,38 @@ def design_table(row_list):
     ]
 
 
+def differences_table(done, pairs, csv_diffs):
+    """Markdown lines of paired differences for (row, reference) pairs, their primary p-values Holm-corrected
+    together; appends the csv records to csv_diffs."""
+    stats = {}
+    for row, ref in pairs:
+        both = sorted(set(done[row]) & set(done[ref]))
+        a, b = [done[row][k] for k in both], [done[ref][k] for k in both]
+        fm = [fit_matched(x, y) for x, y in zip(a, b)]
+        stats[row, ref] = {'primary': paired([x['primary'] - y['primary'] for x, y in zip(a, b)]),
+                           'best_val': paired([x['best_val'] - y['best_val'] for x, y in zip(a, b)]),
+                           'fit': paired([d for d in fm if d is not None]), 'fit_missing': fm.count(None),
+                           'train': paired([x['final_train'] - y['final_train'] for x, y in zip(a, b)])}
+    tested = {key: s['primary']['p'] for key, s in stats.items() if s['primary']['p'] is not None}
+    rejected = holm(tested)
+    head = ['row', 'vs', 'Δ primary [95% CI] (n)', 'p', f'Holm (5%, m={len(tested)})', 'Δ best val [95% CI]',
+            'Δ val at equal train CE [95% CI]', 'Δ final train CE [95% CI]', 'seed Δ val']
+    md = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for (row, ref), s in stats.items():
+        seed_d = (SEED_RESULTS[row][1] - SEED_RESULTS[ref][1]) if row in SEED_RESULTS and ref in SEED_RESULTS else None
+        verdict = '-' if (row, ref) not in rejected else ('distinguishable' if rejected[row, ref] else 'not distinguishable')
+        fit = interval(s['fit']) + (f", {s['fit_missing']} seed(s) unmatched" if s['fit_missing'] else '')
+        md.append('| ' + ' | '.join([row, ref, interval(s['primary']), fmt(s['primary']['p'], 4), verdict,
+                                      interval(s['best_val']), fit, interval(s['train']), fmt(seed_d, 3, True)]) + ' |')
+        for endpoint in ('primary', 'best_val', 'fit', 'train'):
+            e = s[endpoint]
+            csv_diffs.append({'row': row, 'reference': ref, 'endpoint': endpoint, 'n': e['n'], 'mean': e['mean'],
+                              'sd': e['sd'], 'ci_low': None if e['half'] is None else e['mean'] - e['half'],
+                              'ci_high': None if e['half'] is None else e['mean'] + e['half'], 'p': e['p'],
+                              'holm_rejected': rejected.get((row, ref)) if endpoint == 'primary' else None})
+    return md
+
+
 def report(row_list, quiet=False):
     """results.md and .csv from the finished runs; the charts too unless quiet. Returns collect()'s
     {row: {seed index: endpoints}}."""
@@ -621,37 +661,20 @@ def report(row_list, quiet=False):
             mean_sd([r['keep_eval'] for r in runs], 4), f"{sum(settled)}/{len(settled)}" if settled else '-',
             mean_sd([r['load_entropy'] for r in runs]), f"{statistics.median(r['ms'] for r in runs):.0f}",
             fmt(st), fmt(sv), fmt(sk, 4)]) + ' |')
-    # paired differences
-    stats = {}
-    for row, ref in comparisons(rows_done):
-        both = sorted(set(done[row]) & set(done[ref]))
-        a, b = [done[row][k] for k in both], [done[ref][k] for k in both]
-        fm = [fit_matched(x, y) for x, y in zip(a, b)]
-        stats[row, ref] = {'primary': paired([x['primary'] - y['primary'] for x, y in zip(a, b)]),
-                           'best_val': paired([x['best_val'] - y['best_val'] for x, y in zip(a, b)]),
-                           'fit': paired([d for d in fm if d is not None]), 'fit_missing': fm.count(None),
-                           'train': paired([x['final_train'] - y['final_train'] for x, y in zip(a, b)])}
-    tested = {key: s['primary']['p'] for key, s in stats.items() if s['primary']['p'] is not None}
-    rejected = holm(tested)
-    head = ['row', 'vs', 'Δ primary [95% CI] (n)', 'p', f'Holm (5%, m={len(tested)})', 'Δ best val [95% CI]',
-            'Δ val at equal train CE [95% CI]', 'Δ final train CE [95% CI]', 'seed Δ val']
+    # paired differences: the declared family (every row against the references), then the other rows
+    # against the method itself (the claims on initialisation, penalty, MoE and the controls)
+    csv_diffs = []
     md += ['', '## Paired differences (row − reference, same seed; nats)', '',
            'Primary comparisons are Holm-corrected together; "distinguishable" means the difference from zero '
-           'survives the correction. Secondary columns: uncorrected 95% intervals.', '',
-           '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    csv_diffs = []
-    for (row, ref), s in stats.items():
-        seed_d = (SEED_RESULTS[row][1] - SEED_RESULTS[ref][1]) if row in SEED_RESULTS else None
-        verdict = '-' if (row, ref) not in rejected else ('distinguishable' if rejected[row, ref] else 'not distinguishable')
-        fit = interval(s['fit']) + (f", {s['fit_missing']} seed(s) unmatched" if s['fit_missing'] else '')
-        md.append('| ' + ' | '.join([row, ref, interval(s['primary']), fmt(s['primary']['p'], 4), verdict,
-                                      interval(s['best_val']), fit, interval(s['train']), fmt(seed_d, 3, True)]) + ' |')
-        for endpoint in ('primary', 'best_val', 'fit', 'train'):
-            e = s[endpoint]
-            csv_diffs.append({'row': row, 'reference': ref, 'endpoint': endpoint, 'n': e['n'], 'mean': e['mean'],
-                              'sd': e['sd'], 'ci_low': None if e['half'] is None else e['mean'] - e['half'],
-                              'ci_high': None if e['half'] is None else e['mean'] + e['half'], 'p': e['p'],
-                              'holm_rejected': rejected.get((row, ref)) if endpoint == 'primary' else None})
+           'survives the correction. Secondary columns: uncorrected 95% intervals.', '']
+    md += differences_table(done, comparisons(rows_done), csv_diffs)
+    against_method = method_comparisons(rows_done)
+    if against_method:
+        md += ['', f'## Against {METHOD_REF} (row − {METHOD_REF}, same seed; nats)', '',
+               f'Every other row against the method: initialisation (shift π/2, π), the penalty, the MoE references, '
+               f'the higher dropout rates and the mask variants. A second family, Holm-corrected on its own; these '
+               f'pairs do not decide how many seeds a row gets.', '']
+        md += differences_table(done, against_method, csv_diffs)
     os.makedirs(results_dir, exist_ok=True)
     from runtime import atomic_write
 

@@ -310,6 +310,29 @@ def test_study_schedule(monkeypatch):
     assert reproduce.next_run(rows, noisy, busy={'baseline_s1339', 'learned_shift_pi_s1339'}) is None
 
 
+def test_study_families():
+    """Two Holm families: every row against baseline and dropout 0.2 (the declared one), then the other
+    rows against learned_shift0; each table's numbers are the paired statistics of its own pairs."""
+    import reproduce
+    rows = ['learned_shift0', 'learned_shift_pi', 'baseline', 'baseline_dropout0.2']
+    assert reproduce.comparisons(rows) == [
+        ('learned_shift0', 'baseline'), ('learned_shift_pi', 'baseline'), ('baseline_dropout0.2', 'baseline'),
+        ('learned_shift0', 'baseline_dropout0.2'), ('learned_shift_pi', 'baseline_dropout0.2')]
+    assert reproduce.method_comparisons(rows) == [('learned_shift_pi', 'learned_shift0')]
+    assert reproduce.method_comparisons(['baseline', 'learned_shift_pi']) == []
+    run = lambda v: {'primary': v, 'best_val': v, 'final_train': 3.0, 'curve': [(4.0, v), (3.0, v)]}  # noqa: E731
+    done = {'learned_shift0': {0: run(5.00), 1: run(5.02), 2: run(5.01)},
+            'learned_shift_pi': {0: run(5.10), 1: run(5.11), 2: run(5.13)}}
+    csv_rows = []
+    md = reproduce.differences_table(done, reproduce.method_comparisons(rows[:2]), csv_rows)
+    s = reproduce.paired([0.10, 0.09, 0.12])
+    line = next(x for x in md if x.startswith('| learned_shift_pi | learned_shift0 |'))
+    assert f"{s['mean']:+.3f} [{s['mean'] - s['half']:+.3f}, {s['mean'] + s['half']:+.3f}] (n=3)" in line
+    assert 'Holm (5%, m=1)' in md[0] and '| +0.073 |' in line  # the seed: shift pi 3.457 - shift 0 3.384
+    assert [(r['row'], r['reference'], r['endpoint']) for r in csv_rows][0] == ('learned_shift_pi', 'learned_shift0', 'primary')
+    assert csv_rows[0]['holm_rejected'] == (s['p'] <= 0.05) and csv_rows[2]['mean'] == pytest.approx(s['mean'])  # fit
+
+
 def test_study_statistics_hand_cases():
     """The paired 95% interval, the t quantiles, Holm's step-down and the fit-matched val on planted numbers."""
     import reproduce
