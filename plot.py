@@ -65,6 +65,17 @@ def save(fig, out, stem):
     return paths
 
 
+def run_colors(names):
+    """{name: colour}, fixed before drawing: a panel where some runs have no line (a baseline has no keep
+    fraction) must not shift the colours of the others. Up to 10 hues, then their light shades."""
+    if len(names) <= 10:
+        palette = plt.get_cmap('tab10').colors
+    else:
+        tab20 = plt.get_cmap('tab20').colors
+        palette = tab20[0::2] + tab20[1::2]
+    return {n: palette[i % len(palette)] for i, n in enumerate(names)}
+
+
 def plot_curves(runs, out):
     panels = [('train/loss', 'evals', 'train cross-entropy (eval mode)'),
               ('val/loss', 'evals', 'val cross-entropy (eval mode)'),
@@ -72,12 +83,13 @@ def plot_curves(runs, out):
               ('keep', 'steps', 'keep fraction (training masks)')]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     last_iter = max(r['iter'] for _, evals, steps in runs for r in evals + steps)
+    color = run_colors([name for name, _, _ in runs])
     for ax, (key, kind, title) in zip(axes.flat, panels):
         tail = []
         for name, evals, steps in runs:
             recs = [r for r in (evals if kind == 'evals' else steps) if key in r]
             if recs:
-                ax.plot([r['iter'] for r in recs], [r[key] for r in recs], label=name,
+                ax.plot([r['iter'] for r in recs], [r[key] for r in recs], label=name, color=color[name],
                         marker='o' if kind == 'evals' and len(recs) < 30 else None, markersize=3)
                 tail += [r[key] for r in recs if r['iter'] >= 0.1 * last_iter]
         if kind == 'evals' and tail:  # zoom to the last 90%: the loss at init would flatten the differences
@@ -168,13 +180,14 @@ def plot_bands(groups, out):
               ('keep', 1, 'keep fraction (training masks)'), ('load_entropy', 1, 'MoE expert load entropy (nats)')]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     last_iter = max(r['iter'] for _, runs in groups for run in runs for recs in run for r in recs)
+    color = run_colors([name for name, _ in groups])
     for ax, (key, kind, title) in zip(axes.flat, panels):
         tail = []
         for name, runs in groups:
             iters, mean, sd = mean_sd_curve([run[kind] for run in runs], key)
             if len(iters):
-                line, = ax.plot(iters, mean, label=f'{name} (n={len(runs)})')
-                ax.fill_between(iters, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
+                ax.plot(iters, mean, label=f'{name} (n={len(runs)})', color=color[name])
+                ax.fill_between(iters, mean - sd, mean + sd, color=color[name], alpha=0.2, linewidth=0)
                 late = iters >= 0.1 * last_iter
                 tail += list((mean - sd)[late]) + list((mean + sd)[late])
         if kind == 0 and tail:  # as plot_curves: zoom to the last 90%

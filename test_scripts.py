@@ -123,6 +123,21 @@ def test_plot_curves_and_layer_heatmap(runs, tmp_path):
     assert 'learned' in svg and 'baseline' in svg  # one legend entry per run
 
 
+@pytest.mark.parametrize('bands', [False, True])
+def test_plot_colours_follow_the_run(runs, tmp_path, monkeypatch, bands):
+    """A run (a group with --bands) has one colour in every panel, also in the keep-fraction panel where
+    the baseline drawn before it has no line."""
+    figs = []
+    monkeypatch.setattr(plot, 'save', lambda fig, out, stem: figs.append(fig) or [])
+    plot.main([runs['baseline'], runs['learned'], f'--out={tmp_path}'] + (['--bands'] if bands else []))
+    colour = {}
+    for ax in figs[0].axes:
+        for line in ax.lines:
+            assert colour.setdefault(line.get_label(), line.get_color()) == line.get_color(), line.get_label()
+    assert len(colour) == 2 and len(set(colour.values())) == 2
+    assert len(set(plot.run_colors([f'run{i}' for i in range(13)]).values())) == 13
+
+
 def test_plot_masks_from_checkpoint(runs, tmp_path):
     plot.main([runs['learned'], f'--out={tmp_path}', '--mask_text=The Moon orbits the Earth.'])
     name = os.path.basename(runs['learned'])
