@@ -611,4 +611,7 @@ while True:
 if master_process and wandb is not None:
     wandb.finish()
 if ddp:
+    # every rank past its last collective before the group is torn down: a rank that tears down gloo while
+    # the other is still saving can die with "terminate called without an active exception" (SIGABRT)
+    torch.distributed.barrier()
     destroy_process_group()
