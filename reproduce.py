@@ -15,7 +15,9 @@ mask variant are that row's); only the scale is overridden, here and nowhere els
   GPT-2's); train = the first documents of its train split up to train_tokens tokens (cut after a whole
   document), val = its whole val split. In data_dir/study_v<vocab_size>_t<train_tokens>.
 - models: learned rows learned_shape, baseline and MoE rows baseline_shape, narrower learned as in the seed
-  so that total parameters agree within 1% (printed at start); MoE rows keep their config's expert count and
+  so that total parameters agree within 1% (printed at start); a row is learned_shape when its config has
+  the seed's learned width (144), so baseline_narrow, a plain GPT as wide as the learned model, separates
+  the masks from the narrower residual stream (a control added after the first results); MoE rows keep their config's expert count and
   top-k, and a config's explicit expert_hidden (moe_flops: a full-width 4C expert) scales with the width.
 - training: train_args and max_iters; the seed's near-constant learning-rate shape (linear warm-up, then a
   cosine to learning_rate / 10 over max_iters * 700000 / 26000 steps, as the seed's 700k over 26k).
@@ -69,8 +71,10 @@ from configurator import ConfigError, configure
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED_ROWS = ['learned_shift0', 'learned_no_penalty', 'learned_shift_pi2', 'learned_shift_pi',
              'baseline', 'baseline_dropout0.2', 'baseline_dropout0.3', 'baseline_dropout0.4']
-ROWS = SEED_ROWS + ['moe_params', 'moe_flops', 'learned_precomputed', 'learned_soft', 'learned_fourier']
-PRIORITY = ['baseline', 'baseline_dropout0.2', 'learned_shift0', 'learned_no_penalty', 'moe_params', 'learned_soft']
+ROWS = SEED_ROWS + ['moe_params', 'moe_flops', 'learned_precomputed', 'learned_soft', 'learned_fourier',
+                    'baseline_narrow']
+PRIORITY = ['baseline', 'baseline_dropout0.2', 'learned_shift0', 'learned_no_penalty', 'moe_params', 'learned_soft',
+            'baseline_narrow']
 REFS = ['baseline', 'baseline_dropout0.2']  # every row is compared with these (the declared family)
 METHOD_REF = 'learned_shift0'  # the write-up's method: the other rows against it in a second family
 SEED_RESULTS = {  # the seed's reported train / val cross-entropy and keep fraction (METHOD.md section 6)
@@ -78,7 +82,7 @@ SEED_RESULTS = {  # the seed's reported train / val cross-entropy and keep fract
                 'learned_shift_pi2': (2.967, 3.405, 0.5955), 'learned_shift_pi': (3.055, 3.457, 0.2507),
                 'baseline': (2.845, 3.475, None), 'baseline_dropout0.2': (3.1, 3.354, None),
                 'baseline_dropout0.3': (3.213, 3.425, None), 'baseline_dropout0.4': (3.319, 3.512, None)}
-SEED_WIDTH = {'learned': 144, 'baseline': 156, 'moe': 156}  # n_embd in the config files
+LEARNED_WIDTH = 144  # the seed's learned width (config files): such a config trains at learned_shape
 # -----------------------------------------------------------------------------
 rows = ','.join(ROWS)  # which rows to run (config/<row>.py each)
 seed0 = 1337  # seeds are seed0, seed0 + 1, ...
@@ -211,9 +215,9 @@ def prepare_data(tokens=None):
 def run_settings(row, seed, iters=None, lr=None, tokens=None):
     """The train.py overrides of one run (on top of config/<row>.py)."""
     cfg = row_config(row)
-    shape = parse_kv(learned_shape if cfg['model_type'] == 'learned' else baseline_shape)
+    shape = parse_kv(learned_shape if cfg['n_embd'] == LEARNED_WIDTH else baseline_shape)
     if cfg.get('expert_hidden'):  # an explicit expert width scales with the model's
-        shape['expert_hidden'] = cfg['expert_hidden'] * shape['n_embd'] // SEED_WIDTH[cfg['model_type']]
+        shape['expert_hidden'] = cfg['expert_hidden'] * shape['n_embd'] // cfg['n_embd']
     iters, lr = iters or max_iters, lr or learning_rate
     return {**shape, **parse_kv(train_args), 'dataset': dataset_name(tokens), 'seed': seed, 'max_iters': iters,
             'learning_rate': lr, 'min_lr': lr / 10, 'lr_decay_iters': round(iters * 700000 / 26000)}

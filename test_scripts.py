@@ -297,6 +297,22 @@ def test_calibration_pilot(data_dir, tmp_path):
     assert r.returncode == 0 and 'done in' not in r.stdout, r.stderr
 
 
+def test_study_shapes():
+    """Each row trains at the study shape of its config's width: the learned rows and the width control
+    (a plain GPT as wide as the learned model) at learned_shape, the rest at baseline_shape; an explicit
+    expert width scales with the model's."""
+    import reproduce
+    shape = lambda row: {k: reproduce.run_settings(row, 1337)[k] for k in ('n_layer', 'n_embd', 'n_head')}  # noqa: E731
+    learned, baseline = reproduce.parse_kv(reproduce.learned_shape), reproduce.parse_kv(reproduce.baseline_shape)
+    assert learned != baseline
+    for row in reproduce.ROWS:
+        want = learned if row.startswith('learned') or row == 'baseline_narrow' else baseline
+        assert shape(row) == want, row
+    assert reproduce.row_config('baseline_narrow')['model_type'] == 'baseline'
+    assert reproduce.run_settings('moe_flops', 1337)['expert_hidden'] == 4 * baseline['n_embd']
+    assert 'expert_hidden' not in reproduce.run_settings('moe_params', 1337)
+
+
 def test_study_schedule(monkeypatch):
     """Priority rows' seeds first (seed-major), then the others; then a seed more for a comparison whose
     interval is wider than target_ci, until max_seeds."""
