@@ -14,11 +14,12 @@ mask variant are that row's); only the scale is overridden, here and nowhere els
   to its first vocab_size - 1 ranks plus <|endoftext|> (tokenizer.get_gpt2_cut: no "other" bucket, ids are
   GPT-2's); train = the first documents of its train split up to train_tokens tokens (cut after a whole
   document), val = its whole val split. In data_dir/study_v<vocab_size>_t<train_tokens>.
-- models: learned rows learned_shape, baseline and MoE rows baseline_shape, narrower learned as in the seed
-  so that total parameters agree within 1% (printed at start); a row is learned_shape when its config has
-  the seed's learned width (144), so baseline_narrow, a plain GPT as wide as the learned model, separates
-  the masks from the narrower residual stream (a control added after the first results); MoE rows keep their config's expert count and
-  top-k, and a config's explicit expert_hidden (moe_flops: a full-width 4C expert) scales with the width.
+- models: a config at the seed's learned width (144: the learned rows and baseline_narrow) trains at
+  learned_shape, every other (baseline, dropout and MoE rows) at baseline_shape; narrower learned as in the
+  seed so that total parameters agree within 1% (printed at start). baseline_narrow, a plain GPT as wide
+  as the learned model (a control added after the first results), separates the masks from the narrower
+  residual stream. MoE rows keep their config's expert count and top-k, and a config's explicit
+  expert_hidden (moe_flops: a full-width 4C expert) scales with the width.
 - training: train_args and max_iters; the seed's near-constant learning-rate shape (linear warm-up, then a
   cosine to learning_rate / 10 over max_iters * 700000 / 26000 steps, as the seed's 700k over 26k).
 - seeds: seed0, seed0 + 1, ...; one seed gives every row the same training windows in the same order and
@@ -43,8 +44,8 @@ windows: the whole val split; the train split capped at val's number of windows,
 Statistics: for each row against baseline and against baseline_dropout0.2, paired by seed: mean difference,
 95% t-interval, number of seeds, two-sided p; the primary endpoint's comparisons are Holm-corrected
 together (family-wise 5%); secondary differences get uncorrected intervals. A second table puts every
-other row against learned_shift0 (initialisation, penalty, MoE, higher dropout, mask variants), the same
-statistics Holm-corrected as a family of their own; it does not decide how many seeds a row gets.
+other row against learned_shift0 (initialisation, penalty, MoE, higher dropout, mask variants, width), the
+same statistics Holm-corrected as a family of their own; it does not decide how many seeds a row gets.
 
 Runs train in out_root/<row>_s<seed>/ (checkpoints; an interrupted run resumes from its ckpt.pt); a finished
 run's metrics.jsonl and config.json are copied to results_dir/<row>_s<seed>/ (no checkpoints in results).
@@ -95,8 +96,8 @@ train_tokens = 150000  # size of the training subset, in tokens of the cut token
 val_tokens = 0  # 0: the whole val split; > 0: its first documents up to this many tokens (tests)
 vocab_size = 2048  # GPT-2's first vocab_size - 1 ranks + <|endoftext|>
 learning_rate = 2e-3  # shared by every row (calibrated); min_lr is a tenth of it
-learned_shape = 'n_layer=4,n_embd=48,n_head=3'  # learned rows: 3 heads of 16 (the seed: 26 x 144, 9 heads of 16)
-baseline_shape = 'n_layer=4,n_embd=52,n_head=4'  # baseline and MoE rows: 4 heads of 13 (the seed: 26 x 156, 12 of 13)
+learned_shape = 'n_layer=4,n_embd=48,n_head=3'  # 144-wide configs (learned rows, baseline_narrow): 3 heads of 16 (seed: 9)
+baseline_shape = 'n_layer=4,n_embd=52,n_head=4'  # the other configs (baseline, MoE rows): 4 heads of 13 (seed: 12)
 train_args = ('block_size=128,batch_size=32,gradient_accumulation_steps=1,warmup_iters=300,'  # other train.py settings
               'eval_interval=200,eval_windows=all,log_interval=20,compile=True,dtype=auto')
 data_dir = 'data'  # wiki_sample is prepared here if missing; the study's data goes to data_dir/study_v*_t*
