@@ -677,8 +677,8 @@ def report(row_list, quiet=False):
     if against_method:
         md += ['', f'## Against {METHOD_REF} (row − {METHOD_REF}, same seed; nats)', '',
                f'Every other row against the method: initialisation (shift π/2, π), the penalty, the MoE references, '
-               f'the higher dropout rates and the mask variants. A second family, Holm-corrected on its own; these '
-               f'pairs do not decide how many seeds a row gets.', '']
+               f'the higher dropout rates, the mask variants and the width control. A second family, Holm-corrected '
+               f'on its own; these pairs do not decide how many seeds a row gets.', '']
         md += differences_table(done, against_method, csv_diffs)
     os.makedirs(results_dir, exist_ok=True)
     from runtime import atomic_write
