@@ -7,8 +7,10 @@ and the GPT methods that do not depend on the block type (init, optimizer,
 MFU, generation).
 """
 
+import dataclasses
 import inspect
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -18,15 +20,21 @@ from torch.nn import functional as F
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = False  # biases in Linears and LayerNorms (GPT-2: True; the seed runs: False)
+    """The model's settings: each field is also a train.py option (config files, --name=value, --help
+    shows the comment beside it), so a new setting is one new field here or in a subclass.
+    __post_init__ checks every value, so a bad one fails before anything is built or written.
+    The defaults are the seed runs' shapes (METHOD.md, "The seed experiments")."""
+    block_size: int = 200  # context length
+    vocab_size: int = 50257  # set by train.py from the data's meta.json
+    n_layer: int = 26  # transformer blocks
+    n_head: int = 9  # attention heads per block
+    n_embd: int = 144  # width of the residual stream
+    dropout: float = 0.0  # standard dropout rate (baseline and moe; must be 0 in the learned model)
+    bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2: True; the seed runs: False)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_field_type(self, f)
         for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -34,6 +42,21 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def check_field_type(config, field):
+    """ValueError unless the field's value has its annotated type (an int stands for a float, and is
+    converted); floats must be finite: 1e400 would pass every `x >= 0` rule and fail much later."""
+    value = getattr(config, field.name)
+    allowed = typing.get_args(field.type) or (field.type,)  # Optional[int] -> (int, NoneType)
+    if float in allowed and type(value) is int:
+        value = float(value)
+        setattr(config, field.name, value)
+    if type(value) not in allowed:
+        names = ' or '.join('None' if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"{field.name} must be {names}, got {value!r}")
+    if type(value) is float and not math.isfinite(value):
+        raise ValueError(f"{field.name} must be a finite number, got {value!r}")
 
 
 class LayerNorm(nn.Module):
@@ -76,9 +99,8 @@ def attend(c_attn, x, n_head, kv_cache=None, dropout_p=0.0):
         kv_cache[c_attn] = (k, v)
     Tk = k.size(2)
     if x.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and T > 1:
-        # CPU's fused kernel is 1.9-2.4x slower than these three ops in bf16 (fwd + bwd, seed shapes), though
-        # faster in float32 and for one new token; the scores (a bf16 product) are scaled and normalized
-        # in float32
+        # on a CPU the fused kernel is slower than these three ops in bf16 (BENCHMARK.md), though faster in
+        # float32 and for one new token; the scores (a bf16 product) are scaled and normalized in float32
         mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # causal, bottom right
         att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
         att = att.masked_fill(~mask, float('-inf')).softmax(dim=-1)
@@ -142,11 +164,14 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """nanoGPT's GPT: learned absolute positions, pre-LN blocks, tied embedding/head.
 
-    Subclasses (model.GPT) choose their block through `block_type` and may override
-    `forward`; everything else here is shared."""
+    Subclasses (model.GPT, moe_model.GPT) choose their block through `block_type` and may
+    override `hidden` and `forward`; everything else here is shared. forward(..., return_stats=True)
+    returns a dict of detached tensors that train.py logs as they come: a scalar as itself, a
+    tensor whose first dimension is the layer as its mean over layers and, per layer, as NAME_per_layer."""
 
     block_type = Block
     n_attn_per_block = 1  # causal attentions per block, for the FLOP count
+    console_stats = ()  # statistics (keys of forward's stats) that train.py prints in its progress lines
 
     def __init__(self, config):
         super().__init__()
@@ -251,7 +276,7 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         kv_cache = KVCache()
         # the head as a (C, vocab) matrix: a one-row product in nn.Linear's (vocab, C) layout
-        # repacks the whole matrix on every call on CPU (3.1 ms vs 0.8 ms per token here)
+        # repacks the whole matrix on every call on a CPU
         head_t = self.lm_head.weight.t().contiguous()
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= block_size:
@@ -261,7 +286,7 @@ class GPT(nn.Module):
             logits = self.transformer.ln_f(x[:, -1, :]) @ head_t / max(temperature, 1e-8)  # (B, vocab)
             if top_k is None:
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            else:  # sample among the top_k candidates only: the same distribution, 7x cheaper here
+            else:  # sample among the top_k candidates only: the same distribution, far cheaper
                 v, candidates = torch.topk(logits, min(top_k, logits.size(-1)))
                 idx_next = candidates.gather(-1, torch.multinomial(F.softmax(v, dim=-1), num_samples=1))
             idx = torch.cat((idx, idx_next), dim=1)

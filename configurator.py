@@ -89,8 +89,9 @@ def option_comments(script):
     return entries
 
 
-def print_help(config, script, doc):
-    """The script's docstring (its usage lines), then every option: default and comment."""
+def print_help(config, script, doc, extra_help=()):
+    """The script's docstring (its usage lines), then every option: default and comment. extra_help
+    adds entries, as option_comments returns them, for options declared elsewhere (the models' settings)."""
     name = os.path.basename(script)
     print((doc or '').strip())
     print(f"\nusage: python {name} [CONFIG_FILE ...] [--key=value ...]   (config files are Python, run in order;"
@@ -98,7 +99,7 @@ def print_help(config, script, doc):
     print("options (default, then what it does):")
     width = max(len(k) for k in config)
     pending, shown = None, set()
-    for key, comment in option_comments(script):
+    for key, comment in option_comments(script) + list(extra_help):
         if comment is None:
             pending = key  # a heading: printed only if an option follows it
             continue
@@ -114,12 +115,13 @@ def print_help(config, script, doc):
             print(f"    --{key:<{width}} = {config[key]!r}")
 
 
-def configure(config, argv, script=None, doc=None, rules=None):
+def configure(config, argv, script=None, doc=None, rules=None, extra_help=()):
     """Apply argv (config files and --key=value) to the dict of defaults `config`, in place, then
-    check the rules. With -h or --help in argv, print the help derived from `script` and exit 0."""
+    check the rules. With -h or --help in argv, print the help derived from `script` (and
+    extra_help, see print_help) and exit 0."""
     if script is not None and any(a in ('-h', '--help') for a in argv):
         try:
-            print_help(config, script, doc)
+            print_help(config, script, doc, extra_help)
         except BrokenPipeError:  # e.g. piped into head
             pass
         sys.exit(0)

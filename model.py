@@ -5,17 +5,20 @@ the module, its placement, the objective and the logged statistics).
 
     a = h + Attn(LN1(h))
     f = MLP(LN2(a))
-    h = a + f * R,   R ~ round(M),   M = 0.5 * cos(attend(f) + shift) + 0.5
+    h = a + f * R,   R ~ round(M),   M = 0.5 * cos(z + shift) + 0.5,   z = attend(f)
 
-Everything that is not LearnedDropout comes from baseline_model.py. Three comparison
-variants are config fields whose defaults give the method above, unchanged:
+Everything that is not LearnedDropout comes from baseline_model.py. LearnedDropout computes
+z, then M = mask(z), then R = round(M): a variant overrides one of those two methods in a small
+subclass. The comparison variants are chosen by config fields whose defaults give the method:
 
+    mask_fourier_terms=K      FourierMask: M = 0.5 + 0.5 * sum_k w_k cos(k z + b_k), k = 1..K
+    mask_rounding='soft'      SoftMask: R = M, the output is f * M, no sampling or rounding
     mask_input='embedding'    M is computed from one shared attention over the embeddings,
                               known before any block runs, instead of from f itself
-    mask_fourier_terms=K      M = 0.5 + 0.5 * sum_k w_k cos(k z + b_k), k = 1..K
-    mask_rounding='soft'      R = M: the output is f * M, with no sampling or rounding
+    mask_class='mod.Class'    your own LearnedDropout subclass (README, "Your own mask")
 """
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -26,28 +29,29 @@ import torch.nn as nn
 from baseline_model import GPTConfig as BaselineConfig, GPT as BaselineGPT
 from baseline_model import Block, CausalSelfAttention, KVCache, attend
 
-__all__ = ['GPTConfig', 'LearnedDropout', 'LearnedBlock', 'GPT', 'KVCache', 'MASK_STATS']
+__all__ = ['GPTConfig', 'LearnedDropout', 'FourierMask', 'SoftMask', 'LearnedBlock', 'GPT', 'KVCache', 'MASK_STATS']
 
 
 @dataclass
 class GPTConfig(BaselineConfig):
-    shift_init: float = 0.0  # initial value of every channel of the shift b, in [0, pi]
-    dropout_n_head: Optional[int] = None  # heads of the mask attention (None: n_head)
-    penalty_coeff: float = 0.1  # weight of mean(M^2/2) in the training loss (0: no penalty term)
-    mask_input: str = 'mlp_output'  # masks computed from 'mlp_output' (f itself) or a shared 'embedding' attention
-    detach_mask_input: bool = False  # 'embedding' only: no gradient into the shared attention (the author's code)
-    mask_fourier_terms: int = 1  # K terms of M = 0.5 + 0.5 * sum_k w_k cos(k z + b_k); 1: the method's cosine
-    mask_rounding: str = 'stochastic'  # 'stochastic' (R ~ M in training, [M >= 0.5] in eval) or 'soft' (R = M)
+    shift_init: float = 0.0  # learned: initial shift b of the mask's cosine, in [0, pi]
+    dropout_n_head: Optional[int] = None  # learned: heads of the mask attention (None: n_head)
+    penalty_coeff: float = 0.1  # learned: weight of mean(M^2/2) in the loss (0: no penalty)
+    mask_input: str = 'mlp_output'  # learned: the mask attends over 'mlp_output' (the method) or 'embedding' (pre-computed)
+    detach_mask_input: bool = False  # learned, mask_input='embedding': detach the shared mask input (the author's code did)
+    mask_fourier_terms: int = 1  # learned: terms K of the cosine series mapping z to M (1: the method's single cosine)
+    mask_rounding: str = 'stochastic'  # learned: 'stochastic' (the method) or 'soft' (output f * M, no rounding: a control)
+    mask_class: str = ''  # learned: your own LearnedDropout subclass as 'module.Class' ('': the method or the variants above)
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.shift_init <= math.pi:
             raise ValueError(f"shift_init must be in [0, pi] (the write-up's B), got {self.shift_init}")
+        if self.dropout_n_head is not None and self.dropout_n_head < 1:
+            raise ValueError(f"dropout_n_head must be >= 1 or None (= n_head), got {self.dropout_n_head}")
         n = self.dropout_n_head or self.n_head
         if self.n_embd % n:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by dropout_n_head ({n})")
-        if self.dropout_n_head is not None and self.dropout_n_head < 1:
-            raise ValueError(f"dropout_n_head must be >= 1 or None (= n_head), got {self.dropout_n_head}")
         if self.penalty_coeff < 0:
             raise ValueError(f"penalty_coeff must be >= 0, got {self.penalty_coeff}")
         if self.dropout != 0:
@@ -61,59 +65,105 @@ class GPTConfig(BaselineConfig):
             raise ValueError(f"mask_fourier_terms must be >= 1, got {self.mask_fourier_terms}")
         if self.mask_rounding not in ('stochastic', 'soft'):
             raise ValueError(f"mask_rounding must be 'stochastic' or 'soft', got {self.mask_rounding!r}")
+        if self.mask_class and (self.mask_fourier_terms != 1 or self.mask_rounding != 'stochastic'):
+            raise ValueError("mask_class cannot be combined with mask_fourier_terms or mask_rounding: "
+                             "subclass FourierMask or SoftMask in your class instead")
+        self.mask_type()  # an unknown mask_class fails here, before anything is built
+
+    def mask_type(self):
+        """The LearnedDropout class every block uses."""
+        if self.mask_class:
+            return import_mask_class(self.mask_class)
+        fourier, soft = self.mask_fourier_terms > 1, self.mask_rounding == 'soft'
+        return {(False, False): LearnedDropout, (True, False): FourierMask,
+                (False, True): SoftMask, (True, True): SoftFourierMask}[fourier, soft]
+
+
+def import_mask_class(name):
+    """The class named 'module.Class' (module importable from the working directory or PYTHONPATH),
+    checked to be a LearnedDropout subclass."""
+    module_name, _, class_name = name.rpartition('.')
+    if not module_name:
+        raise ValueError(f"mask_class must be 'module.Class' (e.g. 'my_mask.SigmoidMask'), got {name!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as e:
+        raise ValueError(f"mask_class {name!r}: cannot import {module_name} ({e}); put {module_name}.py next to "
+                         f"train.py or on PYTHONPATH") from None
+    except AttributeError:
+        raise ValueError(f"mask_class {name!r}: {module_name} has no {class_name}") from None
+    if not (isinstance(cls, type) and issubclass(cls, LearnedDropout)):
+        raise ValueError(f"mask_class {name!r} must be a subclass of model.LearnedDropout")
+    return cls
 
 
 class LearnedDropout(nn.Module):
-    """Input-dependent binary mask: x -> (x * R, M, R).
+    """Input-dependent binary mask: x -> (x * R, M, R), the method (METHOD.md section 1).
 
-    M = 0.5 * cos(z + shift) + 0.5 with z the causal self-attention of x (no output
-    projection, residual or norm). R is 1 with probability M in training and [M >= 0.5]
-    in eval; its gradient passes straight through to M. No 1/keep rescaling: this is
-    selection, not standard dropout.
-
-    Variants (GPTConfig): z attends over a given `source` instead of x (mask_input);
-    M = 0.5 + 0.5 * sum_k w_k cos(k z + b_k) with K > 1 terms, w = softmax(fourier_logits)
-    (mask_fourier_terms); R = M with no rounding (mask_rounding='soft')."""
+    z is the causal self-attention of x (no output projection, residual or norm), M = mask(z)
+    in [0, 1], R = round(M). No 1/keep rescaling: this is selection, not standard dropout.
+    A variant overrides mask (the mapping z -> M) or round (M -> R) in a subclass; its extra
+    parameters go in __init__ after super().__init__ (1-D ones get no weight decay)."""
 
     def __init__(self, config):
         super().__init__()
         self.n_head = config.dropout_n_head or config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
-        K = config.mask_fourier_terms
-        # the phases b_1..b_K, flat (K*C,): 1-D, so that the optimizer does not decay them; (C,) for K = 1
-        self.shift = nn.Parameter(torch.full((K * config.n_embd,), float(config.shift_init)))
-        # the series' weights are softmax(fourier_logits), uniform at init; K = 1 needs none (w_1 = 1)
-        self.fourier_logits = nn.Parameter(torch.zeros(K)) if K > 1 else None
-        self.soft = config.mask_rounding == 'soft'
+        self.shift = nn.Parameter(torch.full((config.n_embd,), float(config.shift_init)))  # b, (C,)
         # the write-up's "temperature" remark: sample masks at inference too (off by default)
         self.stochastic_inference = False
 
     def mask(self, z):
         """M in [0, 1] from the attention output z (B, T, C)."""
-        if self.fourier_logits is None:
-            return 0.5 * torch.cos(z + self.shift) + 0.5
+        return 0.5 * torch.cos(z + self.shift) + 0.5
+
+    def round(self, m):
+        """R from M: 1 with probability M in training (and with stochastic_inference), [M >= 0.5]
+        in eval. The forward value is exactly 0 or 1; the gradient passes straight through to M."""
+        if not (self.training or self.stochastic_inference):
+            return (m >= 0.5).to(m.dtype)
+        # float32 noise: in a bf16 model, bf16 noise is so coarse that M = 0 keeps ~0.2% of channels
+        noise = torch.rand(m.shape, device=m.device, dtype=torch.float32)
+        hard = (noise <= m.float()).to(m.dtype)
+        return hard + (m - m.detach())  # forward: hard + 0 exactly (m - m is 0 in every dtype); dR/dM = 1
+
+    def forward(self, x, kv_cache=None, source=None):
+        """x (B, T, C) -> (x * R, M, R); the mask attends over source (B, T, C) if given, else
+        over x itself (the method)."""
+        z = attend(self.c_attn, x if source is None else source, self.n_head, kv_cache)  # (B, T, C)
+        m = self.mask(z)  # (B, T, C), in [0, 1]
+        r = self.round(m)  # (B, T, C), 0 or 1
+        return x * r, m, r
+
+
+class FourierMask(LearnedDropout):
+    """M = 0.5 + 0.5 * sum_k w_k cos(k z + b_k), k = 1..K, with w = softmax(fourier_logits), uniform
+    at init: w >= 0 and sums to 1, so M stays in [0, 1]. K = 1 is the method's cosine."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        K = config.mask_fourier_terms
+        # the phases b_1..b_K, flat (K*C,): 1-D, so that the optimizer does not decay them
+        self.shift = nn.Parameter(torch.full((K * config.n_embd,), float(config.shift_init)))
+        self.fourier_logits = nn.Parameter(torch.zeros(K))
+
+    def mask(self, z):
         K = self.fourier_logits.numel()
         k = torch.arange(1, K + 1, device=z.device, dtype=z.dtype).view(K, 1)  # (K, 1) frequencies
-        w = self.fourier_logits.softmax(0).view(K, 1)  # (K, 1): >= 0 and summing to 1, so M stays in [0, 1]
+        w = self.fourier_logits.softmax(0).view(K, 1)  # (K, 1)
         waves = torch.cos(k * z.unsqueeze(-2) + self.shift.view(K, -1))  # (B, T, K, C)
         return 0.5 * (w * waves).sum(-2) + 0.5
 
-    def forward(self, x, kv_cache=None, source=None):
-        """x (B, T, C) -> (x * R, M, R); the mask is computed from source (B, T, C) if given,
-        else from x itself (the method)."""
-        z = attend(self.c_attn, x if source is None else source, self.n_head, kv_cache)  # (B, T, C)
-        m = self.mask(z)
-        if self.soft:  # the control without sampling or rounding, in training and in eval
-            r = m
-        elif self.training or self.stochastic_inference:
-            # float32 noise: in a bf16 model, bf16 noise is so coarse that M = 0 keeps ~0.2% of channels
-            noise = torch.rand(m.shape, device=m.device, dtype=torch.float32)
-            hard = (noise <= m.float()).to(m.dtype)
-            # forward value: hard + 0 exactly (m - m is 0 in every dtype); gradient: dR/dM = 1
-            r = hard + (m - m.detach())
-        else:
-            r = (m >= 0.5).to(m.dtype)
-        return x * r, m, r
+
+class SoftMask(LearnedDropout):
+    """The control without sampling or rounding: R = M, in training and in eval."""
+
+    def round(self, m):
+        return m
+
+
+class SoftFourierMask(SoftMask, FourierMask):
+    """FourierMask's M with SoftMask's R = M."""
 
 
 class LearnedBlock(Block):
@@ -121,7 +171,7 @@ class LearnedBlock(Block):
 
     def __init__(self, config):
         super().__init__(config)
-        self.learned_dropout = LearnedDropout(config)
+        self.learned_dropout = config.mask_type()(config)
 
     def forward(self, x, kv_cache=None, mask_source=None):
         """Returns the new residual stream and this layer's (M, R). The mask is computed from
@@ -142,6 +192,7 @@ class GPT(BaselineGPT):
 
     block_type = LearnedBlock
     n_attn_per_block = 2  # the block's attention and the mask's attention
+    console_stats = ('ce', 'penalty', 'keep')
 
     def __init__(self, config):
         super().__init__(config)
@@ -170,7 +221,7 @@ class GPT(BaselineGPT):
     def mask_stats(ms, rs, penalties):
         """(len(MASK_STATS), n_layer) tensor of per-layer statistics, from each layer's
         M, R and mean(M^2/2). Detached: no gradient, no host sync. 'keep' is the mean of R:
-        the share of 1s, or mean(M) with mask_rounding='soft'."""
+        the share of 1s, or mean(M) with soft masks."""
         rows = []
         for m, r, p in zip(ms, rs, penalties):
             m, r = m.detach().float(), r.detach().float()

@@ -12,11 +12,10 @@ per token (a token's experts depend on that token only) and dropless (no capacit
 Training adds the Switch Transformer load-balancing loss, and optionally the router z-loss.
 
 Compute: every expert runs on every token and the unchosen ones are scaled by 0: two plain
-matmuls, no host sync, fixed shapes (torch.compile fullgraph). At the tests' tiny shapes this
-is 2x faster on CPU than gathering each expert's tokens (argsort, per-expert matmuls, index_add,
-one host sync per layer for the split sizes), but it does n_expert / top_k times the routed work:
-flops_per_token counts the routed (active) work only. On CPU at the seed shape a training step of
-config/moe_params.py costs 0.98x the baseline's, of config/moe_flops.py 2.4x (1.1x gathered).
+matmuls, no host sync, fixed shapes (torch.compile fullgraph). At small sizes this beats gathering
+each expert's tokens (argsort, per-expert matmuls, index_add, one host sync per layer for the split
+sizes), but it does n_expert / top_k times the routed work: flops_per_token counts the routed
+(active) work only. BENCHMARK.md has the measured step times.
 """
 
 from dataclasses import dataclass
@@ -33,11 +32,11 @@ __all__ = ['GPTConfig', 'ExpertLinear', 'MoEMLP', 'MoEBlock', 'GPT', 'KVCache', 
 
 @dataclass
 class GPTConfig(BaselineConfig):
-    n_expert: int = 8  # experts per MLP
-    expert_top_k: int = 2  # experts chosen per token
-    expert_hidden: int = 0  # hidden units per expert (0: 4 * n_embd // n_expert, the dense MLP split)
-    moe_aux_coeff: float = 0.01  # weight of the load-balancing loss in training (mean over layers)
-    router_z_coeff: float = 0.0  # weight of the router z-loss in training (0: off)
+    n_expert: int = 8  # moe: experts per MLP
+    expert_top_k: int = 2  # moe: experts chosen per token
+    expert_hidden: int = 0  # moe: hidden units per expert (0: 4 * n_embd // n_expert, the dense MLP split)
+    moe_aux_coeff: float = 0.01  # moe: weight of the load-balancing loss in training (mean over layers)
+    router_z_coeff: float = 0.0  # moe: weight of the router z-loss in training (0: off)
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,6 +130,7 @@ class GPT(BaselineGPT):
 
     block_type = MoEBlock
     n_attn_per_block = 1  # the block's attention, as the baseline
+    console_stats = ('ce', 'load_entropy')
 
     def get_num_active_params(self):
         """Parameters that touch each token: all but the n_expert - top_k unchosen experts of every layer."""

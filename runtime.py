@@ -1,16 +1,22 @@
-"""Shared machinery of the scripts: device, precision and peak-FLOPs choices; checkpoint loading;
-atomic writes, run-folder locks and metrics reading."""
+"""Shared machinery of the scripts: the model registry; device, precision and peak-FLOPs choices;
+checkpoint loading; atomic writes, run-folder locks and metrics reading; and the checks train.py
+runs before it trains (data, run folder, resume, DDP replicas), named for what they guard."""
 
 import ctypes
+import dataclasses
 import errno
+import importlib
+import inspect
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 PTDTYPE = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -18,7 +24,51 @@ PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bf16 tens
 
 
 class RuntimeSetupError(Exception):
-    """A device, file or folder problem the user can fix; the message is one line."""
+    """A device, file or folder problem the user can fix; the message is one line, code the exit code
+    (2 for a mistaken request, as for a bad option; 1 otherwise)."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+# ----------------------------------------------------------------------------- models
+
+MODEL_TYPES = {'learned': 'model', 'baseline': 'baseline_model', 'moe': 'moe_model'}  # model_type -> module
+
+
+def model_module(model_type):
+    """The module of a model_type: it defines GPTConfig (the model's settings) and GPT."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+    return importlib.import_module(MODEL_TYPES[model_type])
+
+
+def model_settings():
+    """Every model's settings as script options: ({name: default}, help entries). The GPTConfig fields
+    of all model types (vocab_size, which the data sets, excepted), each with the comment written
+    beside its declaration; entries are (heading, None) or (name, comment), as configurator's."""
+    defaults, entries = {}, []
+    for model_type in MODEL_TYPES:
+        for cls in reversed(model_module(model_type).GPTConfig.__mro__):
+            if not dataclasses.is_dataclass(cls):
+                continue
+            own = [f for f in dataclasses.fields(cls) if f.name not in defaults and f.name != 'vocab_size']
+            if not own:
+                continue
+            entries.append((f"model ({cls.__module__}.py)", None))
+            comments = field_comments(cls)
+            for f in own:
+                defaults[f.name] = f.default
+                entries.append((f.name, comments.get(f.name, '')))
+    return defaults, entries
+
+
+def field_comments(cls):
+    """{field: the comment beside its declaration} from a dataclass's source."""
+    lines = inspect.getsource(cls).splitlines()
+    found = (re.match(r'^\s+(\w+)\s*:[^=]*=.*?#\s*(.*)$', line) for line in lines)
+    return {m[1]: m[2].strip() for m in found if m}
 
 
 def available_devices():
@@ -42,16 +92,15 @@ def pick_device(device):
 
 def cpu_has_fast_bf16():
     """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast trains
-    faster than float32 (measured: README, Benchmark)."""
+    faster than float32 (BENCHMARK.md)."""
     probes = ('_is_avx512_bf16_supported', '_is_amx_tile_supported')
     return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
 def pick_dtype(dtype, device_type):
     """'auto' -> bfloat16 on CUDA where supported (float16 on older GPUs) and bf16 autocast on CPUs
-    with fast bf16 instructions, float32 elsewhere. Measured on such a CPU (README, Benchmark), compiled:
-    bf16 made the training step 1.3-1.8x faster at every shape tried, from 4 layers x 48 with 2,048
-    words to the seed's 26 layers x 144 with 50,257."""
+    with fast bf16 instructions, float32 elsewhere: on such CPUs bf16 trained faster at every shape
+    measured (BENCHMARK.md)."""
     if dtype != 'auto':
         return dtype
     if device_type == 'cuda':
@@ -72,10 +121,9 @@ def peak_flops(device):
 
 
 def setup_device(device_type):
-    """Process-wide speed settings: TF32 on CUDA; on CPU, flush denormals (they made matmuls
-    ~10x slower in a badly initialised model) and keep freed memory in glibc's heap. Without the
-    latter, each step's large buffers (the 50257-wide logits) go back to the OS and are page-faulted
-    in again: a 1.24x slower training step here."""
+    """Process-wide speed settings: TF32 on CUDA; on CPU, flush denormals (they make matmuls much
+    slower in a badly initialised model) and keep freed memory in glibc's heap: otherwise each step's
+    large buffers (the 50257-wide logits) go back to the OS and are page-faulted in again."""
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -101,16 +149,17 @@ def tmp_name(path):
 
 
 def clean_stale_tmp(folder):
-    """Remove the temporaries in folder of writers on this host that are gone (SIGKILL, a crash, power
-    loss), and NAME.tmp files of older versions: nobody will rename or reuse them."""
+    """Remove the temporaries in folder (tmp_name's NAME.HOST.PID.tmp) of writers on this host that are
+    gone (SIGKILL, a crash, power loss): nobody will rename or reuse them. Any other file, a user's own
+    notes.tmp included, is left alone."""
     try:
         names = os.listdir(folder)
     except OSError:  # no folder yet, or not one: the caller reports what it cannot write
         return
     host = socket.gethostname()
     for name in names:
-        m = re.fullmatch(r'(.+?)(?:\.([^.]+)\.(\d+))?\.tmp', name)
-        if m and (m[2] is None or m[2] == host and not pid_alive(int(m[3]))):
+        m = re.fullmatch(r'(.+)\.(\d+)\.tmp', name)
+        if m and m[1].endswith(f'.{host}') and len(m[1]) > len(host) + 1 and not pid_alive(int(m[2])):
             try:
                 os.remove(os.path.join(folder, name))
             except OSError:
@@ -219,19 +268,13 @@ def read_checkpoint(path):
 
 
 def load_model(path, device='cpu'):
-    """(model in eval mode on device, checkpoint dict): a model.GPT, baseline_model.GPT or
-    moe_model.GPT as the checkpoint's model_type says."""
+    """(model in eval mode on device, checkpoint dict): the GPT of the checkpoint's model_type."""
     ckpt = read_checkpoint(path)
     model_type = ckpt.get('model_type')
-    if model_type == 'learned':
-        import model as module
-    elif model_type == 'baseline':
-        import baseline_model as module
-    elif model_type == 'moe':
-        import moe_model as module
-    else:
+    if model_type not in MODEL_TYPES:
         raise CheckpointError(f"{path} holds an unknown model_type {model_type!r}; "
-                              f"expected 'learned', 'baseline' or 'moe'")
+                              f"expected one of {', '.join(map(repr, MODEL_TYPES))}")
+    module = model_module(model_type)
     try:
         m = module.GPT(module.GPTConfig(**ckpt['model_args']))
         m.load_state_dict(ckpt['model'])
@@ -239,3 +282,174 @@ def load_model(path, device='cpu'):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} does not fit a {model_type} GPT: {first}")
     return m.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- train.py's guards
+
+def exit_on_signal_during_startup(script):
+    """Until the training loop installs its own handler, SIGINT/SIGTERM mean nothing was trained yet:
+    one line, then leave at once. os._exit, not sys.exit: a SystemExit raised inside a half-done import
+    can abort the interpreter's shutdown; start-up writes only whole files by rename, and the run lock
+    is released by the kernel."""
+    def handler(signum, frame):
+        print(f"{script}: stopped by {signal.Signals(signum).name} during start-up; nothing was trained",
+              file=sys.stderr, flush=True)
+        os._exit(0)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def missing_data_hint(data_dir, dataset, cli_args, run_name):
+    """What to run when data_dir/dataset is not prepared: the preparation, and for the full Wikipedia
+    (which needs the Hugging Face Hub) the offline way to try the same model on the embedded sample."""
+    where = f" --data_dir={data_dir}" if data_dir != 'data' else ''
+    if dataset == 'wiki_sample':
+        return f"run 'python prepare_wiki.py --source=sample{where}'"
+    if dataset != 'wikipedia':
+        return f"run 'python prepare_wiki.py --source=files --files YOUR_FILES --name={dataset}{where}'"
+    return (f"run 'python prepare_wiki.py --max_tokens=42600000{where}' (streams Wikipedia from the Hugging Face Hub); "
+            f"offline, try this model on the embedded sample: 'python prepare_wiki.py --source=sample{where}' then "
+            f"'python train.py {' '.join(a for a in cli_args if not a.startswith('--dataset='))} --dataset=wiki_sample "
+            f"--out_dir=out/try_{run_name} --batch_size=8 --gradient_accumulation_steps=1 --max_iters=200 "
+            f"--eval_interval=50 --eval_iters=10 --compile=False'")
+
+
+def every_window(path, block_size, batch_size, cap=None):
+    """(x, y) batches of up to batch_size of a token file's non-overlapping windows, in order (a last
+    partial one is left out); with more than cap windows, cap of them spread evenly over the file."""
+    data = np.memmap(path, dtype=np.uint16, mode='r')
+    starts = np.arange((len(data) - 1) // block_size) * block_size
+    if cap is not None and len(starts) > cap:
+        starts = starts[np.linspace(0, len(starts) - 1, cap).round().astype(np.int64)]
+    window = np.arange(block_size + 1)
+    for i in range(0, len(starts), batch_size):
+        w = torch.from_numpy(data[starts[i:i + batch_size, None] + window].astype(np.int64))  # (B, T+1)
+        yield w[:, :-1], w[:, 1:]
+
+
+def check_data(data_path, block_size, hint):
+    """The prepared data at data_path, checked whole before any training: meta.json readable, the
+    token files as long as it says and longer than a window, every id inside the vocabulary.
+    Returns meta.json's dict; hint() says what to run when nothing is prepared there."""
+    if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
+        raise RuntimeSetupError(f"no prepared data in {data_path}: {hint()}")
+    redo = "run prepare_wiki.py again with --force"
+    try:
+        with open(os.path.join(data_path, 'meta.json')) as f:
+            meta = json.load(f)
+        meta['vocab_size'] = int(meta['vocab_size'])
+        for split in ('train', 'val'):
+            meta[f'{split}_tokens'] = int(meta[f'{split}_tokens'])
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        what = f"has no {e}" if isinstance(e, KeyError) else f"cannot be read ({type(e).__name__})"
+        raise RuntimeSetupError(f"{data_path}/meta.json {what}: the preparation is incomplete or damaged; {redo}")
+    for split in ('train', 'val'):
+        path = os.path.join(data_path, f'{split}.bin')
+        n_tokens = os.path.getsize(path) // 2
+        if n_tokens != meta[f'{split}_tokens']:
+            raise RuntimeSetupError(f"{path} has {n_tokens} tokens but meta.json says {meta[f'{split}_tokens']}: "
+                                    f"the preparation is incomplete; {redo}")
+        if n_tokens <= block_size:
+            raise RuntimeSetupError(f"{path} has {n_tokens} tokens, too few for block_size={block_size}; "
+                                    f"use a smaller block_size or more data")
+        # one vectorised pass: an id outside the vocabulary would fail deep inside the embedding much later
+        top = int(np.memmap(path, dtype=np.uint16, mode='r').max())
+        if top >= meta['vocab_size']:
+            raise RuntimeSetupError(f"{path} holds token id {top} but meta.json's vocab_size is {meta['vocab_size']}: "
+                                    f"the data and its meta.json do not belong together; {redo}")
+    return meta
+
+
+RUN_FILES = ('ckpt.pt', 'best.pt', 'metrics.jsonl')  # what a run writes that a new run must not lose
+
+
+def open_run_folder(out_dir, init_from, overwrite):
+    """Lock out_dir for this process (a second run into it is refused), remove the temporaries of a
+    killed run, and refuse to train from scratch over an earlier run unless overwrite (then delete
+    its files). Returns the lock, to be held until the process exits. Call only once the whole
+    configuration has been checked: nothing may be deleted for a run that cannot start."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = RunLock(out_dir)
+    except OSError as e:
+        raise RuntimeSetupError(f"cannot write to out_dir {out_dir}: {e.strerror or e}") from None
+    clean_stale_tmp(out_dir)
+    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if init_from == 'scratch' and earlier:
+        if not overwrite:
+            raise RuntimeSetupError(
+                f"{out_dir} already holds a run ({', '.join(earlier)}); continue it with --init_from=resume, "
+                f"train into another --out_dir, or start it over with --overwrite=True (deletes those files)", code=2)
+        for f in earlier:
+            os.remove(os.path.join(out_dir, f))
+    return lock
+
+
+class RunComplete(Exception):
+    """The run to resume has reached max_iters; the message says how to extend it."""
+
+
+def read_resume_checkpoint(path, model_type, model_args, max_iters, eval_only, cli_args):
+    """The checkpoint to resume from, checked to hold the same model; RunComplete if it is finished."""
+    checkpoint = read_checkpoint(path)
+    check_resume(checkpoint, path, model_type, model_args)
+    if checkpoint['iter_num'] >= max_iters and not eval_only:
+        longer = ' '.join(['python train.py'] + [a for a in cli_args if not a.startswith('--max_iters=')]
+                          + [f"--max_iters={2 * checkpoint['iter_num']}"])
+        raise RunComplete(f"{os.path.dirname(path) or '.'}: the run is complete ({checkpoint['iter_num']} of "
+                          f"max_iters={max_iters} iterations); to train it longer, resume with a larger max_iters: "
+                          f"{longer}")
+    return checkpoint
+
+
+def check_resume(checkpoint, path, model_type, model_args):
+    """Refuse to resume a checkpoint into a different model: the same model_type and settings."""
+    if checkpoint.get('model_type') != model_type:
+        raise RuntimeSetupError(f"{path} holds a {checkpoint.get('model_type')!r} model but model_type={model_type!r}: "
+                                f"resume with the config the run was started with")
+    for k, v in checkpoint['model_args'].items():
+        if model_args.get(k) != v:
+            raise RuntimeSetupError(f"{path} was trained with {k}={v!r} but this run has {k}={model_args.get(k)!r}: "
+                                    f"resume with the config the run was started with")
+
+
+def replica_checksums(model, world_size):
+    """Every DDP rank's weight checksum, gathered (all ranks must call it). Replicas must hold identical
+    weights (all-reduced gradients, same optimizer): checked at every save, where the loop syncs anyway,
+    rather than save one replica of a silently split model."""
+    checksum = sum(p.detach().double().square().sum().item() for p in model.parameters())
+    checksums = [None] * world_size
+    torch.distributed.all_gather_object(checksums, checksum)
+    if len(set(checksums)) != 1:
+        raise RuntimeSetupError(f"the DDP replicas' weights differ (checksums {checksums}); gradients are not "
+                                f"being all-reduced")
+    return checksums
+
+
+def trim_metrics(path, iter_num, evaluated_at):
+    """On resume, drop what the interrupted run logged after its checkpoint: it is about to be redone.
+    Training records carry the iteration that ran; evaluations the iteration before which they ran."""
+    records = read_jsonl(path)
+    kept = [r for r in records if r['iter'] < iter_num or (r['iter'] == evaluated_at == iter_num and 'val/loss' in r)]
+    save_json_lines(kept, path)
+
+
+def save_json_lines(records, path):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in records)
+    atomic_write(path, write, 'metrics file')
+
+
+def summarize(stats, prefix=''):
+    """A log record from a model's stats (forward(..., return_stats=True)), whatever they are: a scalar
+    as itself; a tensor whose first dimension is the layer as its mean over layers, and the per-layer
+    values as NAME_per_layer. 'ce' is named 'loss' in evaluations. Syncs (tolist)."""
+    out = {}
+    for k, v in stats.items():
+        name = 'loss' if k == 'ce' and prefix else k
+        v = v.float()
+        out[prefix + name] = v.mean(0).tolist() if v.dim() else v.item()
+        if v.dim():
+            out[f'{prefix}{name}_per_layer'] = v.tolist()
+    return out

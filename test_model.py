@@ -1,6 +1,7 @@
 """Behaviour of model.py (LearnedDropout GPT) and baseline_model.py (plain GPT), on CPU."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -8,35 +9,16 @@ import torch.nn.functional as F
 
 import baseline_model
 import model
+from conftest import (MASK_VARIANTS, SEED_BASELINE, SEED_LEARNED, assert_causal,
+                      assert_kv_cache_matches_full_recompute, full_recompute_greedy, reference_attention, sharpen, tiny)
 from model import GPT, GPTConfig, LearnedDropout
-
-SEED_LEARNED = dict(block_size=200, vocab_size=50257, n_layer=26, n_head=9, n_embd=144)
-SEED_BASELINE = dict(block_size=200, vocab_size=50257, n_layer=26, n_head=12, n_embd=156)
-
-
-def tiny(module=model, **kw):
-    cfg = dict(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
-    cfg.update(kw)
-    torch.manual_seed(0)
-    return module.GPT(module.GPTConfig(**cfg))
-
-
-def reference_attention(c_attn, x, n_head):
-    """Causal multi-head attention written out with explicit matrices (METHOD.md section 1, step 1)."""
-    B, T, C = x.shape
-    hs = C // n_head
-    q, k, v = (x @ c_attn.weight.T).split(C, dim=2)
-    q, k, v = (t.view(B, T, n_head, hs).transpose(1, 2) for t in (q, k, v))
-    att = q @ k.transpose(-2, -1) / math.sqrt(hs)
-    att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float('-inf'))
-    return (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
-
 
 # ---------------------------------------------------------------------------- sizes, init
 
 def test_seed_parameter_counts():
-    assert GPT(GPTConfig(**SEED_LEARNED)).get_num_params() == 15_335_424
-    assert baseline_model.GPT(baseline_model.GPTConfig(**SEED_BASELINE)).get_num_params() == 15_441_192
+    with torch.device('meta'):  # sizes only: no memory, no init work
+        assert GPT(GPTConfig(**SEED_LEARNED)).get_num_params() == 15_335_424
+        assert baseline_model.GPT(baseline_model.GPTConfig(**SEED_BASELINE)).get_num_params() == 15_441_192
 
 
 @pytest.mark.parametrize('module', [model, baseline_model])
@@ -112,25 +94,6 @@ def test_dropout_n_head_is_used():
     torch.testing.assert_close(m, 0.5 * torch.cos(reference_attention(ld.c_attn, x, 2)) + 0.5)
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
-def test_training_masks_exactly_binary(dtype):
-    torch.manual_seed(0)
-    ld = LearnedDropout(GPTConfig(n_embd=64, n_head=4, shift_init=math.pi / 2)).train()
-    x = torch.randn(4, 16, 64) * 3
-    # the module cast to dtype ...
-    y, m, r = ld.to(dtype)(x.to(dtype))
-    r_values = set(torch.unique(r.float()).tolist())
-    assert r_values == {0.0, 1.0}
-    kept = y != 0
-    assert torch.equal(y[kept], x.to(dtype)[kept])
-    # ... and fp32 weights under autocast
-    ld = ld.float()
-    with torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32):
-        y, m, r = ld(x)
-    assert set(torch.unique(r.float()).tolist()) == {0.0, 1.0}
-    assert torch.all((y == 0) | (y == x.to(y.dtype)))
-
-
 def test_bf16_model_never_keeps_a_channel_with_m_zero():
     """The noise is drawn in float32: bf16 uniform draws are 0 often enough (1 in 256) that channels with
     M = 0 would be kept about 0.2% of the time in a model cast to bf16."""
@@ -141,19 +104,6 @@ def test_bf16_model_never_keeps_a_channel_with_m_zero():
     _, m, r = ld(x)
     assert m.float().max() < 1e-5
     assert r.float().mean().item() < 1e-4
-
-
-def test_training_keep_rate_matches_m():
-    torch.manual_seed(0)
-    ld = LearnedDropout(GPTConfig(n_embd=16, n_head=2, shift_init=math.pi / 2)).train()
-    x = torch.randn(1, 8, 16).expand(4000, 8, 16)  # same input: same M, independent noise
-    _, m, r = ld(x)
-    m0 = m[0]
-    assert torch.allclose(m, m0.expand_as(m))
-    rate = r.mean(0)
-    tol = 5 * torch.sqrt(m0 * (1 - m0) / 4000) + 1e-3
-    assert torch.all((rate - m0).abs() <= tol)
-    assert 0.1 < m0.mean() < 0.9  # a real spread of probabilities was tested
 
 
 def test_straight_through_gradient():
@@ -191,38 +141,130 @@ def test_matches_the_write_ups_detach_construction():
 
 
 def test_stochastic_inference_option():
+    """Eval masks are deterministic by default; set_mask_mode('stochastic') makes every layer sample
+    them (conformance tests check the draws follow Bernoulli(M)); 'deterministic' restores the default."""
     m = tiny(shift_init=math.pi / 2).eval()
     x = torch.randint(0, 97, (2, 16))
     det1, _ = m(x, x)
-    det2, _ = m(x, x)
-    assert torch.equal(det1, det2)  # eval is deterministic by default
+    assert torch.equal(det1, m(x, x)[0])  # eval is deterministic by default
     m.set_mask_mode('stochastic')
+    assert all(b.learned_dropout.stochastic_inference for b in m.transformer.h)
     torch.manual_seed(1)
     sto1, _ = m(x, x)
     torch.manual_seed(2)
-    sto2, _ = m(x, x)
-    assert not torch.equal(sto1, sto2)
+    assert not torch.equal(sto1, m(x, x)[0])
     m.set_mask_mode('deterministic')
     assert torch.equal(m(x, x)[0], det1)
     with pytest.raises(ValueError, match='mask mode'):
         m.set_mask_mode('random')
 
 
+# ---------------------------------------------------------------------------- every mask class
+# The method's contract (METHOD.md section 1) for the method, its variants and a user-defined subclass:
+# M = mask(z) in [0, 1] with z the causal attention of the input; R binary in every dtype (R = M for the
+# soft control); E[R] = M; dR/dM = 1; the model stays causal and its KV cache exact.
+
+SOFT = {'soft', 'soft_fourier3'}
+HARD = [v for v in MASK_VARIANTS if v not in SOFT]
+
+
+def mask_module(variant, n_embd=16, shift_init=math.pi / 2):
+    cfg = GPTConfig(n_embd=n_embd, n_head=2, shift_init=shift_init, **MASK_VARIANTS[variant])
+    torch.manual_seed(0)
+    return cfg.mask_type()(cfg)
+
+
+def test_mask_classes_are_the_configured_ones():
+    import conftest
+    expected = {'method': model.LearnedDropout, 'fourier3': model.FourierMask, 'soft': model.SoftMask,
+                'soft_fourier3': model.SoftFourierMask, 'user_sigmoid': conftest.SigmoidMask}
+    for variant, cls in expected.items():
+        assert type(mask_module(variant)) is cls
+        assert all(type(b.learned_dropout) is cls for b in tiny(**MASK_VARIANTS[variant]).transformer.h)
+    for bad, match in [('nodots', "'module.Class'"), ('no_such_module.Mask', 'cannot import no_such_module'),
+                       ('conftest.NoSuchClass', 'has no NoSuchClass'), ('conftest.tiny', 'subclass of model.LearnedDropout')]:
+        with pytest.raises(ValueError, match=match):
+            GPTConfig(mask_class=bad)
+    with pytest.raises(ValueError, match='cannot be combined'):
+        GPTConfig(mask_class='conftest.SigmoidMask', mask_rounding='soft')
+
+
+@pytest.mark.parametrize('variant', MASK_VARIANTS)
+def test_mask_is_computed_from_the_causal_attention(variant):
+    ld = mask_module(variant).eval()
+    x = torch.randn(2, 7, 16) * 5  # large z: every phase of a periodic mapping
+    y, m, r = ld(x)
+    torch.testing.assert_close(m, ld.mask(reference_attention(ld.c_attn, x, 2)), rtol=1e-4, atol=1e-5)
+    assert torch.all((m >= 0) & (m <= 1)) and m.std() > 0.05
+    assert torch.equal(r, m if variant in SOFT else (m >= 0.5).float())  # eval rounding
+    assert torch.equal(y, x * r)  # selection: no 1/keep rescaling
+
+
+@pytest.mark.parametrize('variant', HARD)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_training_masks_exactly_binary(variant, dtype):
+    ld = mask_module(variant, n_embd=64).train()
+    x = torch.randn(4, 16, 64) * 3
+    # the module cast to dtype ...
+    y, m, r = ld.to(dtype)(x.to(dtype))
+    assert set(torch.unique(r.float()).tolist()) == {0.0, 1.0}
+    kept = y != 0
+    assert torch.equal(y[kept], x.to(dtype)[kept])
+    # ... and fp32 weights under autocast
+    ld = ld.float()
+    with torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32):
+        y, m, r = ld(x)
+    assert set(torch.unique(r.float()).tolist()) == {0.0, 1.0}
+    assert torch.all((y == 0) | (y == x.to(y.dtype)))
+
+
+@pytest.mark.parametrize('stochastic_inference', [False, True])
+@pytest.mark.parametrize('variant', MASK_VARIANTS)
+def test_masks_follow_bernoulli_m(variant, stochastic_inference):
+    """In training, and in eval with stochastic inference, each element is kept with probability M,
+    independently: 4,000 draws of the same input match M within 5 standard errors."""
+    ld = mask_module(variant).train(not stochastic_inference)
+    ld.stochastic_inference = stochastic_inference
+    x = torch.randn(1, 8, 16).expand(4000, 8, 16)  # same input: same M, independent noise
+    torch.manual_seed(1)
+    _, m, r = ld(x)
+    m0 = m[0]
+    assert torch.allclose(m, m0.expand_as(m))
+    tol = 5 * torch.sqrt(m0 * (1 - m0) / 4000) + 1e-3
+    assert torch.all((r.mean(0) - m0).abs() <= tol)
+    assert ((m0 > 0.1) & (m0 < 0.9)).float().mean() > 0.3  # a real spread of probabilities was tested
+    if variant not in SOFT:  # independent elements: two channels' draws are uncorrelated
+        a, b = r[:, 0, 0] - m0[0, 0], r[:, 3, 5] - m0[3, 5]
+        assert abs((a * b).mean()) < 5 * (m0[0, 0] * (1 - m0[0, 0]) * m0[3, 5] * (1 - m0[3, 5])).sqrt() / 4000 ** 0.5 + 1e-3
+
+
+@pytest.mark.parametrize('variant', MASK_VARIANTS)
+def test_gradient_passes_straight_through_to_m(variant):
+    """d(sum g * x * R)/dM = g * x: dR/dM = 1, whatever the rounding."""
+    ld = mask_module(variant).train()
+    x, g = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    ms = []
+    orig = ld.mask
+    ld.mask = lambda z: ms.append(orig(z)) or ms[-1].retain_grad() or ms[-1]
+    y, m, _ = ld(x)
+    (y * g).sum().backward()
+    torch.testing.assert_close(ms[0].grad, g * x)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ld.parameters())
+
+
+@pytest.mark.parametrize('variant', MASK_VARIANTS)
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_every_mask_class_is_causal(variant, mode):
+    assert_causal(tiny(shift_init=math.pi / 2, **MASK_VARIANTS[variant]), mode)
+
+
+@pytest.mark.parametrize('variant', MASK_VARIANTS)
+def test_every_mask_class_kv_cache_matches_full_recompute(variant):
+    m = tiny(n_layer=3, n_embd=48, n_head=3, shift_init=0.5, **MASK_VARIANTS[variant])
+    assert_kv_cache_matches_full_recompute(sharpen(m))
+
+
 # ---------------------------------------------------------------------------- the GPT
-
-def assert_causal(m, mode):
-    """Changing token 10 changes no earlier logit (and does change later ones), in train or eval mode."""
-    m.train(mode == 'train')
-    x = torch.randint(0, 97, (2, 16))
-    x2 = x.clone()
-    x2[:, 10] = (x2[:, 10] + 1) % 97
-    torch.manual_seed(5)
-    a, _ = m(x, x)
-    torch.manual_seed(5)
-    b, _ = m(x2, x2)
-    assert torch.equal(a[:, :10], b[:, :10])
-    assert not torch.allclose(a[:, 10:], b[:, 10:])
-
 
 @pytest.mark.parametrize('module,mode', [(model, 'eval'), (model, 'train'),
                                          (baseline_model, 'eval'), (baseline_model, 'train')])
@@ -395,37 +437,6 @@ def test_baseline_inverted_dropout_in_training():
 
 # ---------------------------------------------------------------------------- generation
 
-def full_recompute_greedy(m, idx, n):
-    for _ in range(n):
-        logits, _ = m(idx[:, -m.config.block_size:])
-        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
-    return idx
-
-
-def sharpen(m, factor=8):
-    """Larger weights (matrices and expert stacks): varied greedy tokens and decisive routing."""
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.mul_(factor)
-    return m
-
-
-def assert_kv_cache_matches_full_recompute(m):
-    m.eval()
-    idx = torch.randint(0, 97, (2, 5))
-    # step by step through the cache vs one full forward: same logits at every position
-    full, _ = m(idx.repeat(1, 3), idx.repeat(1, 3))
-    cache = model.KVCache()
-    steps = [m(idx.repeat(1, 3)[:, t:t + 1], kv_cache=cache)[0] for t in range(15)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
-    # greedy decoding: identical tokens, until block_size (16) and well beyond it
-    out = m.generate(idx, 30, top_k=1)
-    assert torch.equal(out, full_recompute_greedy(m, idx, 30))
-    assert len(set(out[:, 5:].flatten().tolist())) > 3  # varied tokens: a meaningful comparison
-    return out
-
-
 @pytest.mark.parametrize('module', [model, baseline_model])
 def test_kv_cache_matches_full_recompute(module):
     out = assert_kv_cache_matches_full_recompute(sharpen(tiny(module, n_layer=3, n_embd=48, n_head=3)))
@@ -501,12 +512,88 @@ def test_tiny_model_overfits_one_batch(module):
     assert m(x, y)[1].item() < 0.3
 
 
-def test_compile_fullgraph_forward_backward():
+@pytest.mark.slow
+def test_compile_fullgraph_forward_backward(monkeypatch):
+    """torch.compile(fullgraph=True) computes what eager computes: the same sampled masks (same seed),
+    loss, statistics and gradients, with no graph break. (Compiled code draws its own random numbers
+    unless told to use eager's generator, as here.)"""
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, 'fallback_random', True)
     m = tiny(shift_init=math.pi / 2, n_layer=1).train()
     compiled = torch.compile(m, fullgraph=True)
     x = torch.randint(0, 97, (2, 16))
+    torch.manual_seed(3)
     logits, loss, stats = compiled(x, x, return_stats=True)
     loss.backward()
-    assert torch.isfinite(loss)
-    assert all(p.grad is not None for p in m.parameters())
-    assert stats['keep'].shape == (1,)
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    torch.manual_seed(3)
+    ref_logits, ref_loss, ref_stats = m(x, x, return_stats=True)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(stats['keep'], ref_stats['keep'])  # the same masks were drawn
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the models did not move
+
+# the last commit before the mask classes and the settings registry (the v2 study's code): the default models
+# must compute exactly what it computed
+BEFORE_REDESIGN = 'b3e59f5b617ae4be254e9a3fe394e56f86e53318'
+IDENTITY_DUMP = '''
+import sys
+import torch
+torch.set_num_threads(1)
+import baseline_model, model, moe_model
+BASE = dict(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+CASES = {'learned': (model, {}), 'learned_shift_pi2': (model, dict(shift_init=1.5707963267948966)),
+         'learned_embedding': (model, dict(mask_input='embedding')),
+         'learned_fourier': (model, dict(mask_fourier_terms=3, shift_init=1.0)),
+         'learned_soft': (model, dict(mask_rounding='soft', shift_init=1.0)),
+         'baseline': (baseline_model, {}), 'moe': (moe_model, dict(n_expert=4, expert_top_k=2))}
+out = {}
+for name, (module, kw) in CASES.items():
+    torch.manual_seed(0)
+    m = module.GPT(module.GPTConfig(**BASE, **kw))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 97, (4, 16), generator=g), torch.randint(0, 97, (4, 16), generator=g)
+    rec = {'state': {k: v.clone() for k, v in m.state_dict().items()}}
+    torch.manual_seed(2)
+    _, loss = m.train()(x, y)  # sampled masks
+    loss.backward()
+    rec['loss'], rec['grads'] = loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        rec['logits'], rec['eval_loss'] = m.eval()(x, y)
+    out[name] = rec
+torch.save(out, sys.argv[1])
+'''
+
+
+@pytest.mark.slow
+def test_default_models_are_bit_identical_to_the_v2_code(tmp_path):
+    """At the same seed, the learned model (and its variants), the baseline and the MoE have the same initial
+    weights, training-mode loss with sampled masks, gradients and eval logits as the v2 study's code."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    old = tmp_path / 'old'
+    old.mkdir()
+    for name in ('model.py', 'baseline_model.py', 'moe_model.py'):
+        r = subprocess.run(['git', '-C', here, 'show', f'{BEFORE_REDESIGN}:{name}'], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f'needs the git history with {BEFORE_REDESIGN[:7]} (a full clone)')
+        (old / name).write_text(r.stdout)
+    (tmp_path / 'dump.py').write_text(IDENTITY_DUMP)
+    for where, out in ((old, 'old.pt'), (here, 'new.pt')):
+        subprocess.run([sys.executable, str(tmp_path / 'dump.py'), str(tmp_path / out)], cwd=where, check=True,
+                       env=dict(os.environ, PYTHONPATH=str(where)))
+    a, b = torch.load(tmp_path / 'old.pt'), torch.load(tmp_path / 'new.pt')
+    assert list(a) == list(b)
+    for case in a:
+        for part in ('state', 'grads'):
+            assert list(a[case][part]) == list(b[case][part]), (case, part)
+            assert all(torch.equal(a[case][part][k], b[case][part][k]) for k in a[case][part]), (case, part)
+        for part in ('loss', 'logits', 'eval_loss'):
+            assert torch.equal(a[case][part], b[case][part]), (case, part)

@@ -286,14 +286,14 @@ def test_sigterm_removes_temporaries_and_keeps_previous_output(tmp_path):
     assert prepared(tmp_path / 'x') == before  # no .tmp left, nothing replaced
 
 
-def test_stale_temporaries_are_removed_live_ones_kept(tmp_path):
+def test_stale_temporaries_are_removed_live_and_user_files_kept(tmp_path):
     folder = tmp_path / 'x'
     folder.mkdir()
     host = socket.gethostname()
-    stale = [f'train.bin.{host}.99999999.tmp',  # a writer killed with SIGKILL (no such pid: above pid_max)
-             'val.bin.tmp', 'meta.json.tmp']  # the fixed names of older versions
+    stale = [f'train.bin.{host}.99999999.tmp']  # a writer killed with SIGKILL (no such pid: above pid_max)
     live = [f'val.bin.{host}.{os.getppid()}.tmp',  # a concurrent writer's
-            'train.bin.some-other-host.99999999.tmp']  # a writer on another machine sharing the folder
+            'train.bin.some-other-host.99999999.tmp',  # a writer on another machine sharing the folder
+            'notes.tmp', 'draft.v2.tmp', 'val.bin.tmp']  # the user's own files: not this code's pattern
     for name in stale + live:
         (folder / name).write_bytes(b'partial')
     (tmp_path / 'a.txt').write_text('\n<|endoftext|>\n'.join(DOCS))

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import runtime
 from configurator import ConfigError, configure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -101,9 +102,9 @@ def train_defaults():
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             if node.targets[0].id == 'config_keys':
-                return out
+                break
             out[node.targets[0].id] = ast.literal_eval(node.value)
-    raise AssertionError('config_keys not found in train.py')
+    return {**out, **runtime.model_settings()[0]}  # the models' settings are their GPTConfig fields
 
 
 def test_every_config_file_loads():
@@ -118,11 +119,8 @@ def test_every_config_builds_its_model(name):
     """Each config file's model is built as train.py builds it (every GPTConfig field from the train.py
     globals) and runs a forward pass; the seed-shape configs keep the seed's context."""
     import dataclasses
-    import baseline_model
-    import model
-    import moe_model
     c = configure(train_defaults(), [os.path.join(HERE, 'config', name)])
-    module = {'learned': model, 'baseline': baseline_model, 'moe': moe_model}[c['model_type']]
+    module = runtime.model_module(c['model_type'])
     args = {f.name: c[f.name] for f in dataclasses.fields(module.GPTConfig) if f.name != 'vocab_size'}
     m = module.GPT(module.GPTConfig(vocab_size=50257, **args))
     x = torch.randint(0, 50257, (1, 8))

@@ -15,7 +15,7 @@ import model
 import moe_model
 import runtime
 from baseline_model import attend
-from test_model import assert_causal, assert_kv_cache_matches_full_recompute, reference_attention, sharpen, tiny
+from conftest import assert_causal, assert_kv_cache_matches_full_recompute, reference_attention, sharpen, tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MOE = dict(n_expert=4, expert_top_k=2)
@@ -317,7 +317,8 @@ def test_fourier_parameters_and_init():
     ld = m3.transformer.h[0].learned_dropout
     assert ld.shift.shape == (3 * 32,) and torch.all(ld.shift == 1.0)  # every b_k starts at shift_init
     assert torch.equal(ld.fourier_logits.detach(), torch.zeros(3))  # uniform weights
-    assert m1.transformer.h[0].learned_dropout.fourier_logits is None
+    assert not hasattr(m1.transformer.h[0].learned_dropout, 'fourier_logits')
+    assert type(m3.transformer.h[0].learned_dropout) is model.FourierMask
     opt = m3.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
     plain = {id(p) for p in opt.param_groups[1]['params']}
     assert opt.param_groups[1]['weight_decay'] == 0.0
@@ -327,7 +328,7 @@ def test_fourier_parameters_and_init():
 def test_fourier_formula_range_and_gradients():
     cfg = model.GPTConfig(n_embd=12, n_head=3, mask_fourier_terms=3)
     torch.manual_seed(0)
-    ld = model.LearnedDropout(cfg).train()
+    ld = model.FourierMask(cfg).train()
     with torch.no_grad():
         ld.fourier_logits.copy_(torch.randn(3))
         ld.shift.uniform_(0, 2 * math.pi)
@@ -351,7 +352,7 @@ def test_fourier_formula_range_and_gradients():
 def test_soft_masks_output_x_times_m():
     cfg = model.GPTConfig(n_embd=12, n_head=3, shift_init=0.7, mask_rounding='soft')
     torch.manual_seed(0)
-    ld = model.LearnedDropout(cfg)
+    ld = model.SoftMask(cfg)
     x = torch.randn(2, 6, 12, requires_grad=True)
     g = torch.randn(2, 6, 12)
     for mode in (True, False):

@@ -1,5 +1,5 @@
 """
-Train the LearnedDropout GPT (model.py) or the baseline GPT (baseline_model.py).
+Train the LearnedDropout GPT (model.py), the baseline GPT (baseline_model.py) or the MoE GPT (moe_model.py).
 
 One GPU or CPU:
 $ python train.py config/learned_shift0.py --compile=True
@@ -8,40 +8,38 @@ $ python train.py config/quick_learned.py --max_iters=1000 --init_from=resume
 DDP, 4 GPUs on one node:
 $ torchrun --standalone --nproc_per_node=4 train.py config/baseline.py
 
-The defaults below are the seed runs' shared settings (METHOD.md, "The seed experiments").
+The defaults below are the seed runs' shared settings (METHOD.md, "The seed experiments"); the model's
+own settings are the fields of its GPTConfig, listed by --help with the rest.
+
+A run writes ckpt.pt (latest, with optimizer and RNG states: a resumed run repeats the uninterrupted
+one exactly), best.pt (model only), metrics.jsonl and config.json to out_dir. Nothing is lost by
+mistake: out_dir is locked while a run uses it; training from scratch over a run is refused unless
+--overwrite=True, and even then only after configuration, data and model have been checked; every
+file is written to a temporary name and renamed (a kill or a full disk leaves the previous one whole).
+SIGINT/SIGTERM finish the step, save and print the resume command; a nan/inf loss stops the run
+before anything is saved. With torchrun, rank 0 logs and saves; every save checks the replicas agree.
 """
 
+import dataclasses
+import json
+import math
 import os
 import signal
 import sys
+import time
 
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-def _stopped_early(signum, frame):
-    # until the training loop's handler is installed (imports, data and config checks, model setup) a
-    # signal means nothing was trained yet: leave at once. os._exit, not sys.exit: a SystemExit raised
-    # inside a half-done `import torch` or `import numpy` can abort the interpreter's shutdown (SIGABRT);
-    # start-up writes only whole files by rename, and the run lock is released by the kernel
-    print(f"train.py: stopped by {signal.Signals(signum).name} during start-up; nothing was trained",
-          file=sys.stderr, flush=True)
-    os._exit(0)
+from configurator import ConfigError, configure
+from runtime import (MODEL_TYPES, CheckpointError, RunComplete, RuntimeSetupError, autocast, check_data,
+                     every_window, exit_on_signal_during_startup, missing_data_hint, model_module, model_settings,
+                     open_run_folder, peak_flops, pick_device, pick_dtype, read_resume_checkpoint, replica_checksums,
+                     save_json, save_torch, setup_device, summarize, trim_metrics)
 
-
-signal.signal(signal.SIGTERM, _stopped_early)
-signal.signal(signal.SIGINT, _stopped_early)
-
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.distributed import destroy_process_group, init_process_group  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-from configurator import ConfigError, configure  # noqa: E402
-from runtime import (CheckpointError, RunLock, RuntimeSetupError, autocast, clean_stale_tmp, peak_flops,  # noqa: E402
-                     pick_device, pick_dtype, read_checkpoint, read_jsonl, save_json, save_torch, setup_device, atomic_write)
+exit_on_signal_during_startup('train.py')
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -64,26 +62,8 @@ data_dir = 'data'  # datasets prepared by prepare_wiki.py live in data_dir/datas
 dataset = 'wikipedia'  # a folder prepared by prepare_wiki.py: 'wikipedia', 'wiki_sample' or --name
 gradient_accumulation_steps = 16  # micro-steps per optimizer step, summed over all DDP ranks
 batch_size = 50  # micro-batch size per rank
-block_size = 200  # context length
-# model
+# model (its settings are its GPTConfig's fields: --help lists them)
 model_type = 'learned'  # 'learned' (model.py), 'baseline' (baseline_model.py) or 'moe' (moe_model.py)
-n_layer = 26  # transformer blocks
-n_head = 9  # attention heads per block
-n_embd = 144  # width of the residual stream
-dropout = 0.0  # standard dropout rate (baseline and moe; must be 0 in the learned model)
-bias = False  # biases in Linear and LayerNorm layers
-shift_init = 0.0  # learned: initial shift b of the mask's cosine, in [0, pi]
-dropout_n_head = None  # learned: heads of the mask attention (None: n_head)
-penalty_coeff = 0.1  # learned: weight of mean(M^2/2) in the loss (0: no penalty)
-mask_input = 'mlp_output'  # learned: the mask attends over 'mlp_output' (the method) or 'embedding' (pre-computed)
-detach_mask_input = False  # learned, mask_input='embedding': detach the shared mask input (the author's code did)
-mask_fourier_terms = 1  # learned: terms K of the cosine series mapping z to M (1: the method's single cosine)
-mask_rounding = 'stochastic'  # learned: 'stochastic' (the method) or 'soft' (output f * M, no rounding: a control)
-n_expert = 8  # moe: experts per MLP
-expert_top_k = 2  # moe: experts chosen per token
-expert_hidden = 0  # moe: hidden units per expert (0: 4 * n_embd // n_expert, the dense MLP split)
-moe_aux_coeff = 0.01  # moe: weight of the load-balancing loss in training
-router_z_coeff = 0.0  # moe: weight of the router z-loss in training (0: off)
 # adamw optimizer
 learning_rate = 9e-4  # max learning rate
 max_iters = 26000  # total optimizer steps
@@ -100,7 +80,7 @@ min_lr = 9e-5  # learning rate at the end of the cosine
 backend = 'auto'  # DDP backend: 'auto' = nccl on CUDA, gloo otherwise
 device = 'auto'  # 'auto' = cuda > mps > cpu; or e.g. 'cpu', 'cuda:1'
 dtype = 'auto'  # 'auto' = bf16 autocast on GPUs and on CPUs with bf16 instructions (AVX512-BF16, AMX); else float32
-compile = True  # torch.compile the model, as the seed runs did (a cold compile takes 20 s to 2 minutes on a CPU)
+compile = True  # torch.compile the model, as the seed runs did (a cold compile takes a while on a CPU)
 seed = 1337  # model init, mask noise and batch order
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
@@ -112,31 +92,34 @@ def fail(message, code=1):
     sys.exit(code)
 
 
+# the model's settings are checked by its GPTConfig, where they are declared
 RULES = {
-    'model_type': "x in ('learned', 'baseline', 'moe')", 'init_from': "x in ('scratch', 'resume')",
+    'model_type': f"x in {tuple(MODEL_TYPES)}", 'init_from': "x in ('scratch', 'resume')",
     'eval_windows': "x in ('random', 'all')",
     'dtype': "x in ('auto', 'float32', 'bfloat16', 'float16')", 'backend': "x in ('auto', 'nccl', 'gloo')",
-    'mask_input': "x in ('mlp_output', 'embedding')", 'mask_rounding': "x in ('stochastic', 'soft')",
     'eval_interval': 'x >= 1', 'log_interval': 'x >= 1', 'eval_iters': 'x >= 1', 'batch_size': 'x >= 1',
-    'block_size': 'x >= 1', 'gradient_accumulation_steps': 'x >= 1', 'n_layer': 'x >= 1', 'n_head': 'x >= 1',
-    'n_embd': 'x >= 1', 'max_iters': 'x >= 0', 'warmup_iters': 'x >= 0', 'lr_decay_iters': 'x >= 0',
-    'dropout': '0 <= x < 1', 'shift_init': ('0 <= x <= math.pi', 'in [0, pi]'),
-    'dropout_n_head': ('x is None or type(x) is int and x >= 1', 'None (= n_head) or an int >= 1'),
-    'penalty_coeff': 'x >= 0', 'mask_fourier_terms': 'x >= 1', 'n_expert': 'x >= 1', 'expert_top_k': 'x >= 1',
-    'expert_hidden': 'x >= 0', 'moe_aux_coeff': 'x >= 0', 'router_z_coeff': 'x >= 0',
-    'learning_rate': 'x > 0', 'min_lr': 'x >= 0', 'weight_decay': 'x >= 0', 'beta1': '0 <= x < 1',
-    'beta2': '0 <= x < 1', 'grad_clip': ('x >= 0', '>= 0 (0: no clipping)'),
+    'gradient_accumulation_steps': 'x >= 1', 'max_iters': 'x >= 0', 'warmup_iters': 'x >= 0',
+    'lr_decay_iters': 'x >= 0', 'learning_rate': 'x > 0', 'min_lr': 'x >= 0', 'weight_decay': 'x >= 0',
+    'beta1': '0 <= x < 1', 'beta2': '0 <= x < 1', 'grad_clip': ('x >= 0', '>= 0 (0: no clipping)'),
     'out_dir': ('len(x) > 0', 'a folder name'), 'dataset': ('len(x) > 0', 'a dataset name'),
 }
+model_defaults, model_help = model_settings()
 try:
     cli_args = sys.argv[1:]
-    config = configure({k: globals()[k] for k in config_keys}, cli_args, __file__, __doc__, RULES)
+    config = configure({**{k: globals()[k] for k in config_keys}, **model_defaults}, cli_args, __file__, __doc__,
+                       RULES, model_help)
 except ConfigError as e:
     fail(str(e), code=2)
 globals().update(config)
 if decay_lr and lr_decay_iters <= warmup_iters:
     fail(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters}), or set decay_lr=False",
          code=2)
+GPTConfig, GPT = model_module(model_type).GPTConfig, model_module(model_type).GPT
+try:  # checked here, before anything is written; vocab_size is the data's, set below
+    gptconf = GPTConfig(**{f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size'})
+except (ValueError, TypeError) as e:
+    fail(f"bad model configuration: {e}", code=2)
+block_size = gptconf.block_size  # the context, and the length of the data windows
 if wandb_run_name is None:
     config_files = [a for a in cli_args if not a.startswith('--')]
     wandb_run_name = os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files else model_type
@@ -167,6 +150,8 @@ tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * bl
 torch.manual_seed(seed + ddp_rank)  # the learned masks' noise differs per rank
 setup_device(device_type)
 peak = peak_flops(device)
+dtype = pick_dtype(dtype, device_type)
+ctx = autocast(dtype, device_type)
 
 # -----------------------------------------------------------------------------
 # data: uniformly random windows of the memmapped token files
@@ -174,51 +159,16 @@ peak = peak_flops(device)
 data_path = os.path.join(data_dir, dataset)
 
 
-def missing_data_hint():
-    """What to run when data_path is not prepared: the preparation, and for the full Wikipedia (which
-    needs the Hugging Face Hub) the offline way to try the same model on the embedded sample."""
-    where = f" --data_dir={data_dir}" if data_dir != 'data' else ''
-    if dataset == 'wiki_sample':
-        return f"run 'python prepare_wiki.py --source=sample{where}'"
-    if dataset != 'wikipedia':
-        return f"run 'python prepare_wiki.py --source=files --files YOUR_FILES --name={dataset}{where}'"
-    name = os.path.splitext(os.path.basename(config['wandb_run_name'] or 'run'))[0]
-    return (f"run 'python prepare_wiki.py --max_tokens=42600000{where}' (streams Wikipedia from the Hugging Face Hub); "
-            f"offline, try this model on the embedded sample: 'python prepare_wiki.py --source=sample{where}' then "
-            f"'python train.py {' '.join(a for a in cli_args if not a.startswith('--dataset='))} --dataset=wiki_sample "
-            f"--out_dir=out/try_{name} --batch_size=8 --gradient_accumulation_steps=1 --max_iters=200 "
-            f"--eval_interval=50 --eval_iters=10 --compile=False'")
-
-
-if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
-    fail(f"no prepared data in {data_path}: {missing_data_hint()}")
 try:
-    with open(os.path.join(data_path, 'meta.json')) as f:
-        meta = json.load(f)
-    vocab_size = int(meta['vocab_size'])
-    # data tokenized with GPT-2 cut to its first N ranks (reproduce.py's) says so; the checkpoints carry it
-    # so that sample.py and plot.py encode and decode text with that tokenizer (None: GPT-2's own)
-    tokenizer_cut = meta.get('tokenizer_cut')
-    expected_tokens = {split: int(meta[f'{split}_tokens']) for split in ('train', 'val')}
-except (OSError, ValueError, TypeError, KeyError) as e:
-    what = f"has no {e}" if isinstance(e, KeyError) else f"cannot be read ({type(e).__name__})"
-    fail(f"{data_path}/meta.json {what}: the preparation is incomplete or damaged; run prepare_wiki.py again "
-         f"with --force")
-dtype = pick_dtype(dtype, device_type)
-ctx = autocast(dtype, device_type)
-for split in ('train', 'val'):
-    n_tokens = os.path.getsize(os.path.join(data_path, f'{split}.bin')) // 2
-    if n_tokens != expected_tokens[split]:
-        fail(f"{data_path}/{split}.bin has {n_tokens} tokens but meta.json says {expected_tokens[split]}: "
-             f"the preparation is incomplete; run prepare_wiki.py again with --force")
-    if n_tokens <= block_size:
-        fail(f"{data_path}/{split}.bin has {n_tokens} tokens, too few for block_size={block_size}; "
-             f"use a smaller block_size or more data")
-    # one vectorised pass: an id outside the vocabulary would fail deep inside the embedding much later
-    top = int(np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=np.uint16, mode='r').max())
-    if top >= vocab_size:
-        fail(f"{data_path}/{split}.bin holds token id {top} but meta.json's vocab_size is {vocab_size}: the data "
-             f"and its meta.json do not belong together; run prepare_wiki.py again with --force")
+    meta = check_data(data_path, block_size, lambda: missing_data_hint(data_dir, dataset, cli_args, wandb_run_name))
+except RuntimeSetupError as e:
+    fail(str(e))
+vocab_size = meta['vocab_size']
+# data tokenized with GPT-2 cut to its first N ranks (reproduce.py's) says so; the checkpoints carry it
+# so that sample.py and plot.py encode and decode text with that tokenizer (None: GPT-2's own)
+tokenizer_cut = meta.get('tokenizer_cut')
+gptconf = dataclasses.replace(gptconf, vocab_size=vocab_size)
+model_args = dataclasses.asdict(gptconf)
 batch_gen = torch.Generator().manual_seed(seed + ddp_rank)  # training windows, saved for exact resume
 window = np.arange(block_size + 1)
 
@@ -234,78 +184,30 @@ def get_batch(split, generator):
     return x.to(device), y.to(device)
 
 
-def get_eval_batches(split):
-    """eval_windows='all': the split's non-overlapping windows in order (a last partial one is left out), in
-    batches of up to batch_size. The train split is capped at val's number of windows, spread evenly over it."""
-    data = np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=np.uint16, mode='r')
-    starts = np.arange((len(data) - 1) // block_size) * block_size
-    n_val = (expected_tokens['val'] - 1) // block_size
-    if split == 'train' and len(starts) > n_val:
-        starts = starts[np.linspace(0, len(starts) - 1, n_val).round().astype(np.int64)]
-    for i in range(0, len(starts), batch_size):
-        w = torch.from_numpy(data[starts[i:i + batch_size, None] + window].astype(np.int64))  # (B, T+1)
-        yield w[:, :-1].to(device), w[:, 1:].to(device)
-
-
 # -----------------------------------------------------------------------------
-# model, optimizer, checkpoint
+# model, run folder, optimizer, checkpoint
 
-if model_type == 'learned':
-    import model as model_module
-elif model_type == 'moe':
-    import moe_model as model_module
-else:
-    import baseline_model as model_module
-# the model's own fields, from the globals above (vocab_size from the data's meta.json)
-model_args = {f.name: globals()[f.name] for f in dataclasses.fields(model_module.GPTConfig)}
+model = GPT(gptconf)  # built before the run folder is touched: a model that cannot be built deletes nothing
+model.to(device)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
 resume_cmd = ' '.join(['python train.py'] + [a for a in cli_args if not a.startswith('--init_from=')]
                       + ['--init_from=resume'])
-
-# the run folder: one run at a time in it, and nothing an earlier run wrote is lost by mistake
 if master_process:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        run_lock = RunLock(out_dir)  # held until the process exits
+    try:  # the lock is held until the process exits
+        run_lock = open_run_folder(out_dir, init_from, overwrite)
     except RuntimeSetupError as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
-    clean_stale_tmp(out_dir)  # temporaries of a killed run
-    earlier = [f for f in ('ckpt.pt', 'best.pt', 'metrics.jsonl') if os.path.exists(os.path.join(out_dir, f))]
-    if init_from == 'scratch' and earlier:
-        if not overwrite:
-            fail(f"{out_dir} already holds a run ({', '.join(earlier)}); continue it with --init_from=resume, "
-                 f"train into another --out_dir, or start it over with --overwrite=True (deletes those files)", code=2)
-        for f in earlier:
-            os.remove(os.path.join(out_dir, f))
+        fail(str(e), e.code)
 checkpoint = None
 if init_from == 'resume':
     try:
-        checkpoint = read_checkpoint(ckpt_path)
-    except CheckpointError as e:
+        checkpoint = read_resume_checkpoint(ckpt_path, model_type, model_args, max_iters, eval_only, cli_args)
+    except (CheckpointError, RuntimeSetupError) as e:
         fail(str(e))
-    if checkpoint.get('model_type') != model_type:
-        fail(f"{ckpt_path} holds a {checkpoint.get('model_type')!r} model but model_type={model_type!r}: "
-             f"resume with the config the run was started with")
-    for k, v in checkpoint['model_args'].items():
-        if model_args.get(k) != v:
-            fail(f"{ckpt_path} was trained with {k}={v!r} but this run has {k}={model_args.get(k)!r}: "
-                 f"resume with the config the run was started with")
-    if checkpoint['iter_num'] >= max_iters and not eval_only:
+    except RunComplete as e:
         if master_process:
-            longer = ' '.join(['python train.py'] + [a for a in cli_args if not a.startswith('--max_iters=')]
-                              + [f"--max_iters={2 * checkpoint['iter_num']}"])
-            print(f"{out_dir}: the run is complete ({checkpoint['iter_num']} of max_iters={max_iters} iterations); "
-                  f"to train it longer, resume with a larger max_iters: {longer}")
+            print(e)
         sys.exit(0)
-try:
-    gptconf = model_module.GPTConfig(**model_args)
-except ValueError as e:
-    fail(f"bad model configuration: {e}", code=2)
-model = model_module.GPT(gptconf)
-model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 iter_num, best_val_loss, evaluated_at = 0, float('inf'), -1
@@ -340,20 +242,15 @@ def rng_state():
 
 def save_checkpoint(path, with_optimizer=True):
     """Written to a temporary name and renamed, so an interrupted save never clobbers a good file.
-    Every rank must call it (the RNG states are gathered); rank 0 writes."""
-    states = [None] * ddp_world_size
-    checksums = [None] * ddp_world_size
+    Every rank must call it (the RNG states and weight checksums are gathered); rank 0 writes."""
+    states, checksums = [rng_state()], [None]
     if ddp:
+        states = [None] * ddp_world_size
         torch.distributed.all_gather_object(states, {k: v.cpu() for k, v in rng_state().items()})
-        # replicas must hold identical weights (all-reduced gradients, same optimizer): check it here,
-        # where the loop syncs anyway, rather than save one replica of a silently split model
-        checksum = sum(p.detach().double().square().sum().item() for p in raw_model.parameters())
-        torch.distributed.all_gather_object(checksums, checksum)
-        if len(set(checksums)) != 1:
-            fail(f"the DDP replicas' weights differ at iter {iter_num} (checksums {checksums}); gradients are not "
-                 f"being all-reduced")
-    else:
-        states[0] = rng_state()
+        try:
+            checksums = replica_checksums(raw_model, ddp_world_size)
+        except RuntimeSetupError as e:
+            fail(f"at iter {iter_num}: {e}")
     if not master_process:
         return
     ckpt = {'model': raw_model.state_dict(), 'model_type': model_type, 'model_args': model_args,
@@ -370,13 +267,14 @@ def save_checkpoint(path, with_optimizer=True):
 @torch.no_grad()
 def estimate_loss():
     """Pure cross-entropy (eval mode: deterministic masks, no dropout) on the same windows of each
-    split every time (eval_iters random batches, or every window of the split), plus the learned
-    model's eval-mode mask statistics; every window weighs the same."""
+    split every time (eval_iters random batches, or every window of the split), plus the model's
+    eval-mode statistics; every window weighs the same."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
-        if eval_windows == 'all':
-            batches = get_eval_batches(split)
+        if eval_windows == 'all':  # the train split capped at val's number of windows
+            path, cap = os.path.join(data_path, f'{split}.bin'), (meta['val_tokens'] - 1) // block_size
+            batches = ((x.to(device), y.to(device)) for x, y in every_window(path, block_size, batch_size, cap))
         else:
             gen = torch.Generator().manual_seed(seed + 1)  # fixed eval batches: comparable across evaluations
             batches = (get_batch(split, gen) for _ in range(eval_iters))
@@ -389,22 +287,6 @@ def estimate_loss():
             weight += w
         out.update(summarize({k: v / weight for k, v in sums.items()}, f'{split}/'))
     model.train()
-    return out
-
-
-PER_LAYER = ('keep', 'moe_aux', 'load_entropy', 'expert_load')  # statistics also logged layer by layer
-
-
-def summarize(stats, prefix=''):
-    """A record from a model's stats: each per-layer tensor as its mean over layers, and for the
-    PER_LAYER ones also the whole list; 'ce' is named 'loss' in evaluations. Syncs (tolist)."""
-    out = {}
-    for k, v in stats.items():
-        name = 'loss' if k == 'ce' and prefix else k
-        v = v.float()
-        out[prefix + name] = v.mean(0).tolist() if v.dim() else v.item()
-        if k in PER_LAYER:
-            out[f'{prefix}{k}_per_layer'] = v.tolist()
     return out
 
 
@@ -421,30 +303,12 @@ def get_lr(it):
 # logging: console, out_dir/metrics.jsonl, optionally wandb
 
 wandb = None
-
-
-def trim_metrics():
-    """On resume, drop what the interrupted run logged after its checkpoint: it is about to be
-    redone. Training records carry the iteration that ran; evaluations the iteration before which
-    they ran."""
-    records = read_jsonl(metrics_path)
-    kept = [r for r in records if r['iter'] < iter_num or (r['iter'] == evaluated_at == iter_num and 'val/loss' in r)]
-    save_json_lines(kept, metrics_path)
-
-
-def save_json_lines(records, path):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in records)
-    atomic_write(path, write, 'metrics file')
-
-
 if master_process:
     try:
         if init_from == 'resume' and os.path.exists(metrics_path):
-            trim_metrics()
-        save_json(dict(config, vocab_size=vocab_size, tokenizer_cut=tokenizer_cut, dtype=dtype, device=device, world_size=ddp_world_size,
-                       tokens_per_iter=tokens_per_iter, num_params=raw_model.get_num_params()),
+            trim_metrics(metrics_path, iter_num, evaluated_at)
+        save_json(dict(config, vocab_size=vocab_size, tokenizer_cut=tokenizer_cut, dtype=dtype, device=device,
+                       world_size=ddp_world_size, tokens_per_iter=tokens_per_iter, num_params=raw_model.get_num_params()),
                   os.path.join(out_dir, 'config.json'), 'config.json')
     except RuntimeSetupError as e:
         fail(str(e))
@@ -511,9 +375,10 @@ while True:
         if master_process:
             losses = estimate_loss()
             evaluated_at = iter_num
-            keep = f", val keep {losses['val/keep']:.4f}" if 'val/keep' in losses else ''
+            extra = ''.join(f", val {k} {losses[f'val/{k}']:.4f}" for k in raw_model.console_stats
+                            if k != 'ce' and f'val/{k}' in losses)
             print(f"step {iter_num}/{max_iters}: train loss {losses['train/loss']:.4f}, "
-                  f"val loss {losses['val/loss']:.4f}{keep}")
+                  f"val loss {losses['val/loss']:.4f}{extra}")
             log({'iter': iter_num, **losses, 'lr': lr})
             improved = losses['val/loss'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val/loss'])
@@ -570,10 +435,7 @@ while True:
         record = {'iter': iter_num - 1, 'loss': loss_sum.item(),
                   **summarize({k: v / gradient_accumulation_steps for k, v in stat_sums.items()})}
         line = f"iter {iter_num - 1}/{max_iters}: loss {record['loss']:.4f}"
-        if 'keep' in record:
-            line += f", ce {record['ce']:.4f}, penalty {record['penalty']:.4f}, keep {record['keep']:.4f}"
-        if 'load_entropy' in record:
-            line += f", ce {record['ce']:.4f}, load entropy {record['load_entropy']:.3f}"
+        line += ''.join(f", {k} {record[k]:.4f}" for k in raw_model.console_stats if k in record)
         record['lr'] = lr
         line += f", lr {lr:.2e}"
         if first_step_s is not None:
