@@ -19,14 +19,10 @@ import time
 
 import torch
 
-import baseline_model
-import model as learned_model
-import moe_model
 from configurator import ConfigError, configure
-from runtime import RuntimeSetupError, autocast, peak_flops, pick_device, pick_dtype, setup_device
+from runtime import RuntimeSetupError, autocast, model_module, peak_flops, pick_device, pick_dtype, setup_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODULES = {'learned': learned_model, 'baseline': baseline_model, 'moe': moe_model}
 # -----------------------------------------------------------------------------
 device = 'auto'  # 'auto' = cuda > mps > cpu
 dtype = 'auto'  # precision(s) to time, comma-separated, e.g. float32,bfloat16; 'auto' = bf16 on GPUs and CPUs with bf16 instructions
@@ -67,14 +63,14 @@ def model_spec(name, shape):
     files = SEED_FILES if shape == 'seed' else QUICK_FILES
     c = runpy.run_path(os.path.join(HERE, 'config', files.get(name, name) + '.py'))
     model_type = c.get('model_type', 'learned')
-    fields = {f.name for f in dataclasses.fields(MODULES[model_type].GPTConfig)}
+    fields = {f.name for f in dataclasses.fields(model_module(model_type).GPTConfig)}
     args = dict(block_size=200, vocab_size=50257)
     args.update({k: v for k, v in c.items() if k in fields and k != 'vocab_size'})
     return model_type, args
 
 
 def build(model_type, args, dev):
-    module = MODULES[model_type]
+    module = model_module(model_type)
     torch.manual_seed(0)
     m = module.GPT(module.GPTConfig(**args)).to(dev)
     return m, m.configure_optimizers(0.1, 9e-4, (0.9, 0.95), dev.split(':')[0])

@@ -122,7 +122,7 @@ class LearnedDropout(nn.Module):
         in eval. The forward value is exactly 0 or 1; the gradient passes straight through to M."""
         if not (self.training or self.stochastic_inference):
             return (m >= 0.5).to(m.dtype)
-        # float32 noise: in a bf16 model, bf16 noise is so coarse that M = 0 keeps ~0.2% of channels
+        # float32 noise: bf16 noise is so coarse (0 once in 256 draws) that M = 0 would keep channels
         noise = torch.rand(m.shape, device=m.device, dtype=torch.float32)
         hard = (noise <= m.float()).to(m.dtype)
         return hard + (m - m.detach())  # forward: hard + 0 exactly (m - m is 0 in every dtype); dR/dM = 1

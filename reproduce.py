@@ -68,6 +68,7 @@ import time
 import numpy as np
 
 from configurator import ConfigError, configure
+from runtime import model_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED_ROWS = ['learned_shift0', 'learned_no_penalty', 'learned_shift_pi2', 'learned_shift_pi',
@@ -103,7 +104,7 @@ train_args = ('block_size=128,batch_size=32,gradient_accumulation_steps=1,warmup
 data_dir = 'data'  # wiki_sample is prepared here if missing; the study's data goes to data_dir/study_v*_t*
 out_root = 'out/study'  # run folders (checkpoints)
 results_dir = 'results/study'  # finished runs' metrics and config, the tables and the charts (commit these)
-jobs = 1  # runs trained at once, each with cpu_count // jobs threads (2 cores, 2 jobs: 1.05x (bf16) to 1.25x (fp32) the throughput)
+jobs = 1  # runs trained at once, each with cpu_count // jobs threads (BENCHMARK.md: what two jobs gain on 2 cores)
 commit = False  # git-commit results_dir after every finished run (a sweep spread over days loses nothing)
 report_only = False  # skip training, rebuild the tables and charts
 calibrate = False  # run the calibration pilot instead of the sweep: results_dir/calibration.md
@@ -468,8 +469,7 @@ def fit_matched(a, b):
 def cost(conf):
     """Parameters (total, active per token) and training FLOPs per token of the run's model."""
     import dataclasses
-    import importlib
-    module = importlib.import_module({'learned': 'model', 'baseline': 'baseline_model', 'moe': 'moe_model'}[conf['model_type']])
+    module = model_module(conf['model_type'])
     fields = {f.name: conf[f.name] for f in dataclasses.fields(module.GPTConfig) if f.name in conf}
     m = module.GPT(module.GPTConfig(**fields))
     total = m.get_num_params()

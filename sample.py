@@ -50,7 +50,7 @@ except (ConfigError, RuntimeSetupError) as e:
 
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 setup_device(device_type)
-# generation feeds one token at a time: on a CPU float32 beats bf16 autocast there (1.5-2.2x, README)
+# generation feeds one token at a time: on a CPU float32 beats bf16 autocast there (BENCHMARK.md)
 dtype = 'float32' if dtype == 'auto' and device_type == 'cpu' else pick_dtype(dtype, device_type)
 ctx = autocast(dtype, device_type)
 try:

@@ -136,6 +136,7 @@ ROWS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script,args,code,message', ROWS, ids=[f'{r[0]} {r[1]}' for r in ROWS])
 def test_bad_input_one_line(capsys, tmp_path, data_dir, bad_data, tiny_run, script, args, code, message):
     (tmp_path / 'binary.bin').write_bytes(bytes(range(128, 256)) * 4)
@@ -148,6 +149,7 @@ def test_bad_input_one_line(capsys, tmp_path, data_dir, bad_data, tiny_run, scri
     assert message.format(**fill) in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_none_valued_option_is_overridable(capsys, tiny_run):
     """sample.py documents top_k=None as "all tokens": it must be accepted."""
     code, out, err = run(capsys, 'sample.py', f'--out_dir={tiny_run}', '--top_k=None', '--num_samples=1',
@@ -155,6 +157,7 @@ def test_none_valued_option_is_overridable(capsys, tiny_run):
     assert code == 0 and 'tokens/s' in out, err
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(capsys, data_dir, tiny_run, tmp_path):
     """Training from scratch into a folder holding a run refuses and leaves every file as it was."""
     d = tmp_path / 'run'
@@ -166,6 +169,7 @@ def test_existing_run_is_not_overwritten(capsys, data_dir, tiny_run, tmp_path):
     assert all((d / f).read_bytes() == b for f, b in before.items())
 
 
+@pytest.mark.slow
 def test_plot_run_name_with_a_slash(capsys, tiny_run, tmp_path):
     d = tmp_path / 'run'
     shutil.copytree(tiny_run, d)
@@ -193,6 +197,7 @@ def test_help(capsys, script):
     assert code == 0 and 'usage' in out.lower()
 
 
+@pytest.mark.slow
 def test_ids_check_names_the_largest_id(capsys, bad_data):
     data = np.memmap(os.path.join(bad_data, 'big_ids', 'train.bin'), dtype=np.uint16, mode='r')
     code, _, err = run(capsys, 'train.py', f'--data_dir={bad_data}', '--dataset=big_ids')

@@ -1,4 +1,13 @@
-"""Behaviour of model.py (LearnedDropout GPT) and baseline_model.py (plain GPT), on CPU."""
+"""model.py and baseline_model.py, on CPU: the method's specification as tests.
+
+The method: the mask formula against a hand-written attention, the block masking its own MLP output
+with no rescaling, the penalty's value and gradient, the write-up's detach construction, the shift's
+init and range, the statistics. Every mask class (the method, Fourier, soft, both, and a user-defined
+subclass from conftest.py): M = mask(causal attention), binary R in fp32/bf16/fp16, E[R] = M with
+independent draws (training and stochastic inference), dR/dM = 1, causality, KV cache = full recompute.
+The baseline: every dropout site in training, none in eval. The GPT: init, seed parameter counts,
+bf16 CPU attention against float32, generation (KV cache, sampling distribution), overfitting one batch,
+a fullgraph compile equal to eager, and bit-identity of the default models with the v2 study's code."""
 
 import math
 import os

@@ -1,4 +1,7 @@
-"""prepare_wiki.py and the offline GPT-2 tokenizer (no network: HF_DATASETS_OFFLINE=1)."""
+"""prepare_wiki.py and the offline GPT-2 tokenizer (no network: HF_DATASETS_OFFLINE=1): the vendored
+ranks and their hash, the cut vocabulary, all sources (sample, files, jsonl, parquet, a local HF dataset),
+the split by document, atomic writes, SIGTERM, stale temporaries (the user's own .tmp files kept),
+offline failure, a full disk and bad input."""
 
 import errno
 import gzip
@@ -201,6 +204,7 @@ def test_offline_hf_fails_fast_naming_sample(tmp_path, offline_env):
     assert not os.path.exists(tmp_path / 'wikipedia')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('argv,message', [
     (['--source=web'], 'invalid choice'),
     (['--source=files'], 'needs --files'),
@@ -263,6 +267,7 @@ def prepared(folder):
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
+@pytest.mark.slow
 def test_sigterm_removes_temporaries_and_keeps_previous_output(tmp_path):
     (tmp_path / 'small.txt').write_text('\n<|endoftext|>\n'.join(DOCS))
     prepare('--source=files', '--files', str(tmp_path / 'small.txt'), f'--data_dir={tmp_path}', '--name=x')

@@ -1,4 +1,7 @@
-"""sample.py, plot.py, bench.py and reproduce.py on tiny trained checkpoints (CPU)."""
+"""sample.py, plot.py, bench.py and reproduce.py on tiny trained checkpoints (CPU): sampling, the charts,
+a smoke run of bench.py, and reproduce.py at toy size: the whole study (data, two runs at a time, a commit
+per finished run, endpoints, paired statistics against a hand computation, the report, resume, refusal to
+mix designs), its schedule, and the calibration pilot."""
 
 import csv
 import json
@@ -59,6 +62,7 @@ def texts(stdout):
 
 # ---------------------------------------------------------------------------- sample.py
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_type', ['learned', 'baseline'])
 def test_sample_deterministic_for_a_seed(runs, capsys, model_type):
     args = [f'--out_dir={runs[model_type]}', '--num_samples=2', '--max_new_tokens=20', '--seed=7']
@@ -74,6 +78,7 @@ def test_sample_deterministic_for_a_seed(runs, capsys, model_type):
     assert len(texts(out1)) == 2
 
 
+@pytest.mark.slow
 def test_sample_stochastic_masks_change_outputs(runs, capsys):
     args = [f'--out_dir={runs["learned"]}', '--num_samples=1', '--max_new_tokens=30', '--temperature=0.5']
     _, det, _ = sample(capsys, *args)
@@ -83,6 +88,7 @@ def test_sample_stochastic_masks_change_outputs(runs, capsys):
     assert code != 0 and 'needs a learned model' in err
 
 
+@pytest.mark.slow
 def test_sample_prompt_longer_than_block_size(runs, capsys, tmp_path):
     prompt = tmp_path / 'prompt.txt'
     prompt.write_text('The history of the city ' * 20)  # 100 tokens, block_size is 32
@@ -92,6 +98,7 @@ def test_sample_prompt_longer_than_block_size(runs, capsys, tmp_path):
     assert texts(out)[0].startswith('The history of the city')
 
 
+@pytest.mark.slow
 def test_sample_bad_checkpoints_one_line(runs, capsys, tmp_path):
     code, _, err = sample(capsys, f'--out_dir={tmp_path}')
     assert code != 0 and 'no checkpoint at' in err and len(err.strip().splitlines()) == 1
@@ -113,6 +120,7 @@ def nonempty_image(path):
     return os.path.exists(path) and os.path.getsize(path) > 1000
 
 
+@pytest.mark.slow
 def test_plot_curves_and_layer_heatmap(runs, tmp_path):
     plot.main([runs['learned'], runs['baseline'], f'--out={tmp_path}'])
     for ext in ('png', 'svg'):
@@ -123,6 +131,7 @@ def test_plot_curves_and_layer_heatmap(runs, tmp_path):
     assert 'learned' in svg and 'baseline' in svg  # one legend entry per run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('bands', [False, True])
 def test_plot_colours_follow_the_run(runs, tmp_path, monkeypatch, bands):
     """A run (a group with --bands) has one colour in every panel, also in the keep-fraction panel where
@@ -138,6 +147,7 @@ def test_plot_colours_follow_the_run(runs, tmp_path, monkeypatch, bands):
     assert len(set(plot.run_colors([f'run{i}' for i in range(13)]).values())) == 13
 
 
+@pytest.mark.slow
 def test_plot_masks_from_checkpoint(runs, tmp_path):
     plot.main([runs['learned'], f'--out={tmp_path}', '--mask_text=The Moon orbits the Earth.'])
     name = os.path.basename(runs['learned'])
@@ -146,6 +156,7 @@ def test_plot_masks_from_checkpoint(runs, tmp_path):
     assert keep.shape == (2, len(tokens)) and ((keep >= 0) & (keep <= 1)).all()
 
 
+@pytest.mark.slow
 def test_plot_bad_input(runs, tmp_path):
     with pytest.raises(SystemExit, match='no metrics file'):
         plot.main([str(tmp_path), f'--out={tmp_path}'])
@@ -155,6 +166,7 @@ def test_plot_bad_input(runs, tmp_path):
 
 # ---------------------------------------------------------------------------- bench.py, reproduce.py
 
+@pytest.mark.slow
 def test_bench_smoke():
     r = subprocess.run([sys.executable, os.path.join(HERE, 'bench.py'), '--shapes=quick', '--modes=eager',
                         '--dtype=float32,bfloat16', '--batch_size=1', '--steps=1', '--rounds=1', '--gen_tokens=4',
@@ -180,6 +192,7 @@ STUDY_TOY = ['--rows=learned_shift0,baseline', '--min_seeds=2', '--min_seeds_oth
              'compile=False,dtype=float32']
 
 
+@pytest.mark.slow
 def test_reproduce_smoke(data_dir, tmp_path, capsys):
     """The whole study pipeline at toy size: data, 2 rows x 2 seeds, endpoints, paired statistics, the
     report and its charts; a second invocation runs nothing; a run finished but not yet copied resumes."""
@@ -272,6 +285,7 @@ def test_reproduce_smoke(data_dir, tmp_path, capsys):
     assert 'was trained with learning_rate=' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_calibration_pilot(data_dir, tmp_path):
     """The pilot at toy size: the learning-rate cells (baseline, learned_shift0) and the subset cells
     (baseline, dropout 0.2) land in calibration.md with their numbers; a second invocation runs nothing."""

@@ -1,9 +1,13 @@
-"""train.py and configurator.py: configuration errors, tiny runs of both models, exact resume,
-DDP on CPU, SIGTERM, the NaN guard and data/checkpoint errors. Runs train.py as users do."""
+"""train.py and configurator.py, run as users run them: configuration (overrides, types, every config
+file loads and builds), tiny runs of the models, a user-defined mask from the README's recipe, a new
+model setting in one edit, exact resume (also after SIGTERM), SIGTERM during start-up, the NaN guard,
+2-process DDP on gloo with the replicas' weights compared, the run-folder lock, stale temporaries, a torn
+metrics line, a finished run, a full disk, wandb offline, data and checkpoint errors."""
 
 import ast
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -128,6 +132,7 @@ def test_every_config_builds_its_model(name):
     assert logits.shape == (1, 8, 50257) and torch.isfinite(loss)
 
 
+@pytest.mark.slow
 def test_train_cli_errors_are_one_line(data_dir, tmp_path):
     assert 'did you mean' in error_line(train(data_dir, tmp_path, '--n_embed=32'))
     assert "model_type must be in" in error_line(train(data_dir, tmp_path, '--model_type=bogus'))
@@ -142,6 +147,7 @@ TRAIN_KEYS = {'iter', 'loss', 'ce', 'lr', 'ms_per_iter', 'tokens_per_s'}
 MASK_KEYS = {'penalty', 'keep', 'keep_per_layer', 'mask_mean', 'mask_gt_0.9', 'mask_lt_0.1'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model_type', ['learned', 'baseline'])
 def test_tiny_training_run(data_dir, tmp_path, model_type):
     extra = ['--shift_init=1.5'] if model_type == 'learned' else ['--dropout=0.1']
@@ -173,6 +179,57 @@ def test_tiny_training_run(data_dir, tmp_path, model_type):
     assert json.load(open(tmp_path / 'config.json'))['model_type'] == model_type
 
 
+def readme_mask_recipe():
+    """The code block of the README's "Your own mask" section."""
+    with open(os.path.join(HERE, 'README.md')) as f:
+        section = f.read().split('## Your own mask', 1)[1].split('\n## ', 1)[0]
+    return section.split('```python\n', 1)[1].split('```', 1)[0]
+
+
+@pytest.mark.slow
+def test_user_defined_mask_trains_through_train_py(data_dir, tmp_path, monkeypatch):
+    """The README's recipe, as written, trains through train.py with no edit to model.py or train.py:
+    the checkpoint records the class, the logged masks are the sigmoid's, and sample.py loads it."""
+    code = readme_mask_recipe()
+    assert len(code.strip().splitlines()) <= 15
+    (tmp_path / 'my_mask.py').write_text(code)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = ok(train(data_dir, tmp_path / 'run', '--max_iters=6', '--eval_interval=3', '--shift_init=1.5',
+                 '--mask_class=my_mask.SigmoidMask', env=env))
+    assert 'keep' in r.stdout
+    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_args']['mask_class'] == 'my_mask.SigmoidMask' and ckpt['iter_num'] == 6
+    steps = [x for x in records(tmp_path / 'run') if 'loss' in x]
+    # at shift 1.5 the method's M = 0.5 cos(1.5 + z) + 0.5 is about 0.5, the sigmoid's about 0.8
+    assert steps[0]['mask_mean'] > 0.7
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model, _ = runtime.load_model(str(tmp_path / 'run' / 'ckpt.pt'))
+    assert all(type(b.learned_dropout).__name__ == 'SigmoidMask' for b in model.transformer.h)
+    s = subprocess.run([sys.executable, os.path.join(HERE, 'sample.py'), f'--out_dir={tmp_path / "run"}',
+                        '--num_samples=1', '--max_new_tokens=5'], capture_output=True, text=True, env=env, timeout=120)
+    assert s.returncode == 0 and 'tokens/s' in s.stdout, s.stderr
+
+
+@pytest.mark.slow
+def test_a_new_model_setting_is_one_edit(data_dir, tmp_path):
+    """One new GPTConfig field (one line, with its comment) is a train.py option at once: --help shows it
+    with its default and comment, --name=value sets it, the checkpoint records it."""
+    import shutil
+    repo = tmp_path / 'repo'
+    shutil.copytree(HERE, repo, ignore=shutil.ignore_patterns('.git', 'results', 'out*', 'data', '__pycache__'))
+    src = (repo / 'model.py').read_text()
+    line = "    mask_class: str = ''"
+    assert line in src
+    (repo / 'model.py').write_text(src.replace(line, "    my_setting: int = 3  # learned: a setting added in one edit\n" + line))
+    h = subprocess.run([sys.executable, str(repo / 'train.py'), '--help'], capture_output=True, text=True, timeout=120)
+    assert h.returncode == 0 and re.search(r'--my_setting\s+= 3\s+learned: a setting added in one edit', h.stdout)
+    cmd = [sys.executable, str(repo / 'train.py'), *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "run"}',
+           '--max_iters=1', '--eval_interval=1', '--my_setting=5']
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=240))
+    assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['model_args']['my_setting'] == 5
+
+
+@pytest.mark.slow
 def test_eval_on_every_window_is_deterministic_and_exact(data_dir, tmp_path):
     """eval_windows='all': val CE over every non-overlapping window of val (a last partial one left
     out), the same at every evaluation of the same weights, equal to a hand computation; train is
@@ -219,6 +276,7 @@ def assert_same_run(a, b, from_iter):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_exact_resume(data_dir, tmp_path):
     args = ['--max_iters=8', '--eval_interval=4', '--shift_init=1.5']
     ok(train(data_dir, tmp_path / 'a', *args))
@@ -228,6 +286,7 @@ def test_exact_resume(data_dir, tmp_path):
     assert_same_run(tmp_path / 'a', tmp_path / 'b', 0)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
     args = ['--eval_interval=1000', '--shift_init=1.5']
     cmd = [sys.executable, '-u', os.path.join(HERE, 'train.py'), *TINY, f'--data_dir={data_dir}',
@@ -247,6 +306,7 @@ def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path):
     assert_same_run(tmp_path / 'a', tmp_path / 'b', 0)
 
 
+@pytest.mark.slow
 def test_nan_guard_keeps_last_good_checkpoint(data_dir, tmp_path):
     ok(train(data_dir, tmp_path, '--max_iters=3', '--eval_interval=3'))
     before = (tmp_path / 'ckpt.pt').read_bytes()
@@ -259,6 +319,7 @@ def test_nan_guard_keeps_last_good_checkpoint(data_dir, tmp_path):
     assert (tmp_path / 'ckpt.pt').read_bytes() == before
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(data_dir, tmp_path):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            os.path.join(HERE, 'train.py'), *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}',
@@ -283,6 +344,7 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
 
 # ---------------------------------------------------------------------------- bad input
 
+@pytest.mark.slow
 def test_missing_data_names_the_command(tmp_path):
     line = error_line(train(tmp_path / 'nodata', tmp_path / 'out', '--max_iters=1'))
     assert "python prepare_wiki.py --source=sample" in line
@@ -290,6 +352,7 @@ def test_missing_data_names_the_command(tmp_path):
     assert "--name=mine" in line
 
 
+@pytest.mark.slow
 def test_block_size_longer_than_data(tmp_path):
     docs = tmp_path / 'docs.txt'
     docs.write_text('\n<|endoftext|>\n'.join(f'Short document {i}.' for i in range(30)))
@@ -299,6 +362,7 @@ def test_block_size_longer_than_data(tmp_path):
     assert 'too few for block_size=64' in line
 
 
+@pytest.mark.slow
 def test_checkpoint_mismatch_and_corruption(data_dir, tmp_path):
     ok(train(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2'))
     line = error_line(train(data_dir, tmp_path, '--init_from=resume', '--model_type=baseline'))
@@ -311,6 +375,7 @@ def test_checkpoint_mismatch_and_corruption(data_dir, tmp_path):
     assert 'no ' in error_line(train(data_dir, tmp_path / 'empty', '--init_from=resume'))
 
 
+@pytest.mark.slow
 def test_wandb_is_offline_by_default(data_dir, tmp_path):
     fake = tmp_path / 'fake'
     fake.mkdir()
@@ -331,6 +396,7 @@ def test_wandb_is_offline_by_default(data_dir, tmp_path):
 
 # ---------------------------------------------------------------------------- nothing lost by mistake
 
+@pytest.mark.slow
 def test_second_run_into_a_locked_folder_is_refused(data_dir, tmp_path):
     from runtime import RunLock
     tmp_path.mkdir(exist_ok=True)
@@ -342,6 +408,7 @@ def test_second_run_into_a_locked_folder_is_refused(data_dir, tmp_path):
     ok(train(data_dir, tmp_path, '--max_iters=1', '--eval_interval=1'))
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_cleaned_and_resume_survives_a_torn_metrics_line(data_dir, tmp_path):
     ok(train(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2'))
     dead = 2 ** 22 + 12345  # above the default pid_max: no such process
@@ -356,6 +423,7 @@ def test_stale_temporaries_are_cleaned_and_resume_survives_a_torn_metrics_line(d
     plot.main([str(tmp_path), f'--out={tmp_path / "plots"}'])
 
 
+@pytest.mark.slow
 def test_finished_run_says_so(data_dir, tmp_path):
     ok(train(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2'))
     config = (tmp_path / 'config.json').read_bytes()
@@ -364,6 +432,7 @@ def test_finished_run_says_so(data_dir, tmp_path):
     assert (tmp_path / 'config.json').read_bytes() == config
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_written_before_the_latest(data_dir, tmp_path):
     ok(train(data_dir, tmp_path, '--max_iters=4', '--eval_interval=2'))
     assert os.stat(tmp_path / 'best.pt').st_mtime_ns <= os.stat(tmp_path / 'ckpt.pt').st_mtime_ns
@@ -406,6 +475,7 @@ def catches_sigterm(pid):
     return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('delay', [0.0, 0.3])
 def test_sigterm_during_startup_exits_cleanly(data_dir, tmp_path, delay):
     """A signal right after train.py's first lines (numpy and torch half imported) or a little later: one

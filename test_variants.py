@@ -30,7 +30,7 @@ LEARNED_VARIANTS = {
 def seed_config(name):
     """(module, GPTConfig) of config/<name>.py at train.py's defaults (context 200, GPT-2 vocabulary)."""
     c = runpy.run_path(os.path.join(HERE, 'config', f'{name}.py'))
-    module = {'learned': model, 'baseline': baseline_model, 'moe': moe_model}[c['model_type']]
+    module = runtime.model_module(c['model_type'])
     args = dict(block_size=200, vocab_size=50257)
     args.update({f.name: c[f.name] for f in dataclasses.fields(module.GPTConfig) if f.name in c})
     return module, module.GPTConfig(**args)
@@ -177,6 +177,7 @@ def test_moe_kv_cache_matches_full_recompute():
     assert_kv_cache_matches_full_recompute(sharpen(tiny(moe_model, n_layer=3, n_embd=48, n_head=3, **MOE)))
 
 
+@pytest.mark.slow
 def test_moe_compile_fullgraph_forward_backward():
     m = tiny(moe_model, n_layer=1, **MOE).train()
     compiled = torch.compile(m, fullgraph=True)

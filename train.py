@@ -363,7 +363,7 @@ def check_finite(bad_iter):
 bad_iter = torch.tensor(-1, device=device)
 t_log, iters_since_log, first_step, avg_dt = time.time(), 0, True, None
 if compile and iter_num < max_iters and not eval_only and master_process:
-    print("compiling the model: the first step takes a while (20 s to 2 minutes on a CPU)", flush=True)
+    print("compiling the model: the first step takes a while", flush=True)
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:

@@ -1,5 +1,5 @@
-# Plain GPT baseline (no dropout) on the embedded Wikipedia sample, sized for the quickstart on a CPU (about 2.5 minutes
-# on 2 cores, compilation included): python prepare_wiki.py --source=sample && python train.py config/quick_baseline.py
+# Plain GPT baseline (no dropout) on the embedded Wikipedia sample, sized for the quickstart on a CPU (README,
+# Quickstart, says how long it takes): python prepare_wiki.py --source=sample && python train.py config/quick_baseline.py
 # The 50257-word output layer dominates the cost at this size, so the model is narrow and steps are short.
 out_dir = 'out/quick_baseline'
 dataset = 'wiki_sample'

@@ -1,5 +1,5 @@
 # Plain GPT baseline (no dropout) on the embedded Wikipedia sample, longer than the quickstart for more readable samples
-# (about 10 minutes on 2 CPU cores): 6 layers at the seed runs' width (156, 12 heads of 13).
+# (several times the quickstart's time): 6 layers at the seed runs' width (156, 12 heads of 13).
 # python prepare_wiki.py --source=sample && python train.py config/small_baseline.py
 out_dir = 'out/small_baseline'
 dataset = 'wiki_sample'

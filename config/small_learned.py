@@ -1,5 +1,5 @@
 # LearnedDropout GPT on the embedded Wikipedia sample, longer than the quickstart for more readable samples
-# (about 10 minutes on 2 CPU cores): 6 layers at the seed runs' width (144, 9 heads of 16).
+# (several times the quickstart's time): 6 layers at the seed runs' width (144, 9 heads of 16).
 # python prepare_wiki.py --source=sample && python train.py config/small_learned.py
 out_dir = 'out/small_learned'
 dataset = 'wiki_sample'
