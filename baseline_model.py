@@ -81,6 +81,56 @@ class KVCache(dict):
         return next(iter(self.values()))[0].size(2) if self else 0
 
 
+def dropout(x, p):
+    """Inverted dropout in training: each element kept with probability 1 - p, independently, and scaled
+    by 1 / (1 - p); reproducible from torch's seed (its random state is saved in checkpoints). On a GPU
+    this is F.dropout; on a CPU, dropout_mask's cheaper random bits."""
+    if x.device.type != 'cpu':
+        return F.dropout(x, p)
+    keep, scale = dropout_mask(x, p)
+    return x * torch.where(keep, scale, 0.0).to(x.dtype)
+
+
+def dropout_mask(x, p):
+    """(keep, scale) for dropout on a CPU: a bool tensor shaped like x, True with probability 1 - p, and
+    1 / that probability. Drawing one float per element dominates a small model's step on a CPU, so the
+    bits are cheaper: 16 per element, which rounds p to a multiple of 2^-16 (0.2 is 0.199997; the scale
+    uses the rounded value, so the expectation stays exact). Eager code takes 4 elements' bits from each
+    64-bit draw of torch's generator; compiled code hashes each element's index with a 32-bit seed drawn
+    from that generator per call (a counter-based generator that the compiler fuses into the consumer).
+    The two draw different masks from the same seed."""
+    n, drop = x.numel(), round(p * 65536)
+    if torch.compiler.is_compiling():
+        seed = torch.randint(0, 2 ** 32, (), dtype=torch.int64, device=x.device)
+        index = torch.arange(n, dtype=torch.int64, device=x.device).view(x.shape)
+        keep = (mix32(mix32(index) ^ seed) & 0xFFFF) >= drop
+    else:
+        bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= drop - 32768
+    return keep, 65536 / (65536 - drop)
+
+
+def mix32(h):
+    """A 32-bit integer hash (xor-shift-multiply rounds, a bijection) of int64 tensors holding values below
+    2^32; the multipliers are below 2^31, so no product overflows."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x31848BAB) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the dropout() above: active in training only."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p) if self.training and self.p > 0 else x
+
+
 def attend(c_attn, x, n_head, kv_cache=None, dropout_p=0.0):
     """Causal multi-head self-attention of x with itself, heads merged back to (B, T, C).
 
@@ -98,14 +148,26 @@ def attend(c_attn, x, n_head, kv_cache=None, dropout_p=0.0):
             k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
         kv_cache[c_attn] = (k, v)
     Tk = k.size(2)
-    if x.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and T > 1:
+    if x.device.type == 'cpu' and dropout_p and T > 1:
+        # dropout on the probabilities: the fused kernel's would draw a float per element, so they are formed
+        # here and dropped with dropout_mask's cheaper bits. The queries go in 4 blocks, each against only the
+        # keys it can see, which skips most of the masked half of the (T, Tk) scores
+        ys, Tq = [], -(-T // 4)
+        for start in range(0, T, Tq):
+            qb = q[:, :, start:start + Tq]  # (B, nh, Tq, hs)
+            end = Tk - T + start + qb.size(2)  # these queries see keys [0, end)
+            mask = torch.ones(qb.size(2), end, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T + start)
+            att = (qb @ k[:, :, :end].transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, end)
+            att = att.masked_fill(~mask, float('-inf')).softmax(dim=-1)
+            keep, scale = dropout_mask(att, dropout_p)
+            ys.append((att * torch.where(keep, scale, 0.0)).to(v.dtype) @ v[:, :, :end])  # (B, nh, Tq, hs)
+        y = torch.cat(ys, dim=2)  # (B, nh, T, hs)
+    elif x.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and T > 1:
         # on a CPU the fused kernel is slower than these three ops in bf16 (BENCHMARK.md), though faster in
         # float32 and for one new token; the scores (a bf16 product) are scaled and normalized in float32
         mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # causal, bottom right
         att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
         att = att.masked_fill(~mask, float('-inf')).softmax(dim=-1)
-        if dropout_p:
-            att = F.dropout(att, dropout_p)
         y = att.to(v.dtype) @ v  # (B, nh, T, hs)
     elif Tk == T:  # no past: the usual causal mask
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -123,7 +185,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
 
@@ -140,7 +202,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()  # exact (erf) GELU
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -179,7 +241,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([self.block_type(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))

@@ -20,14 +20,14 @@ import time
 import torch
 
 from configurator import ConfigError, configure
-from runtime import RuntimeSetupError, autocast, model_module, peak_flops, pick_device, pick_dtype, setup_device
+from runtime import RuntimeSetupError, autocast, cpu_kind, model_module, peak_flops, pick_device, pick_dtype, setup_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 device = 'auto'  # 'auto' = cuda > mps > cpu
 dtype = 'auto'  # precision(s) to time, comma-separated, e.g. float32,bfloat16; 'auto' = bf16 on GPUs and CPUs with bf16 instructions
 shapes = 'seed,quick'  # seed: the 26-layer models of METHOD.md section 6; quick: config/quick_*.py; small: SMALL_ARGS
-models = 'learned,baseline'  # learned, baseline, and at seed shapes any config/<name>.py, e.g. moe_params
+models = 'learned,baseline'  # learned, baseline, and any config/<name>.py: moe_params at seed shapes, baseline_dropout0.2 at seed or small
 modes = 'eager,compiled'  # eager and/or torch.compile
 batch_size = 0  # micro-batch; 0: 50 (the seed's) on CUDA, 8 on CPU
 threads = 0  # CPU threads (torch.set_num_threads); 0: torch's default (one per core)
@@ -54,18 +54,26 @@ SMALL_ARGS = {'learned': dict(block_size=128, vocab_size=2048, n_layer=4, n_embd
               'baseline': dict(block_size=128, vocab_size=2048, n_layer=4, n_embd=52, n_head=4)}
 
 
+class ShapeError(ValueError):
+    """A model that has no such shape here; the message is one line."""
+
+
 def model_spec(name, shape):
     """(model_type, GPTConfig kwargs) of a model name at a named shape, read from its config file:
-    'learned' and 'baseline' at 'seed' or 'quick' shapes (or 'small', SMALL_ARGS), any other
-    config/<name>.py at its own (seed) shape."""
-    if shape == 'small':
-        return name, dict(SMALL_ARGS[name])
-    files = SEED_FILES if shape == 'seed' else QUICK_FILES
+    'learned' and 'baseline' at 'seed' or 'quick' shapes, any other config/<name>.py at its own (seed)
+    shape; at 'small' shapes any learned or baseline config (its settings, e.g. dropout, at SMALL_ARGS)."""
+    if shape == 'quick' and name not in QUICK_FILES:
+        raise ShapeError(f"{name} has no quick shape (quick: {', '.join(QUICK_FILES)})")
+    files = SEED_FILES if shape in ('seed', 'small') else QUICK_FILES
     c = runpy.run_path(os.path.join(HERE, 'config', files.get(name, name) + '.py'))
     model_type = c.get('model_type', 'learned')
     fields = {f.name for f in dataclasses.fields(model_module(model_type).GPTConfig)}
     args = dict(block_size=200, vocab_size=50257)
     args.update({k: v for k, v in c.items() if k in fields and k != 'vocab_size'})
+    if shape == 'small':
+        if model_type not in SMALL_ARGS:
+            raise ShapeError(f"{name} has no small shape (small: learned and baseline models)")
+        args.update(SMALL_ARGS[model_type])
     return model_type, args
 
 
@@ -110,7 +118,7 @@ def cpu_peak_rss(model_type, args, B, dt):
 def bench_train(shape, mode, dev, dtypes, B):
     """Median seconds per training step of every (model, dtype), alternating them round by round so
     that their ratios hold on a noisy machine; plus parameters, FLOPs, MFU and peak memory."""
-    names = [n for n in models.split(',') if shape == 'seed' or n in QUICK_FILES]
+    names = models.split(',')
     T, V = (model_spec(names[0], shape)[1][k] for k in ('block_size', 'vocab_size'))
     x = torch.randint(0, V, (B, T), device=dev)
     live, rows = {}, {}
@@ -208,8 +216,14 @@ def main():
     if threads:
         torch.set_num_threads(threads)
     B = batch_size or (50 if dev_type == 'cuda' else 8)
-    name = torch.cuda.get_device_name(dev) if dev_type == 'cuda' else f'{dev_type}, {torch.get_num_threads()} threads'
+    name = torch.cuda.get_device_name(dev) if dev_type == 'cuda' else f'{cpu_kind()}, {torch.get_num_threads()} threads'
     print(f"device: {name}; dtype {', '.join(dtypes)}; torch {torch.__version__}")
+    try:  # every shape and model exists before anything is timed
+        for shape in shapes.split(',') if train else []:
+            for n in models.split(','):
+                model_spec(n, shape)
+    except ShapeError as e:
+        sys.exit(f"bench.py: error: {e}")
     step_ratios, flop_ratios, dtype_speedups, gen_speedups = [], [], [], []
     if train:
         for shape in shapes.split(','):

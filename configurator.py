@@ -24,6 +24,22 @@ class ConfigError(ValueError):
     pass
 
 
+def exit_on_signal_during_startup(script):
+    """Until a script installs its own handler, SIGINT/SIGTERM mean nothing was done yet: one line, then
+    leave at once with the conventional code 128 + signal, so that `train.py ... && sample.py ...` stops.
+    Here, in a module of the standard library's imports only, so that a script installs it before its slow
+    imports (torch). os._exit, not sys.exit: a SystemExit raised inside a half-done import can abort the
+    interpreter's shutdown; start-up writes only whole files by rename, and locks are released by the kernel."""
+    import signal
+
+    def handler(signum, frame):
+        print(f"{script}: stopped by {signal.Signals(signum).name} during start-up; nothing was trained",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 def check_value(key, value, default, source):
     """The value to store for key, or ConfigError if its type does not fit the default's.
     An int may stand for a float; a None default accepts anything (its rule checks it), and None

@@ -70,6 +70,8 @@ MASK_VARIANTS = {
     'soft': dict(mask_rounding='soft'),
     'soft_fourier3': dict(mask_rounding='soft', mask_fourier_terms=3),
     'user_sigmoid': dict(mask_class='conftest.SigmoidMask'),
+    'static': dict(mask_class='model.StaticMask'),
+    'random': dict(mask_class='model.RandomMask'),
 }
 
 

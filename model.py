@@ -15,7 +15,9 @@ subclass. The comparison variants are chosen by config fields whose defaults giv
     mask_rounding='soft'      SoftMask: R = M, the output is f * M, no sampling or rounding
     mask_input='embedding'    M is computed from one shared attention over the embeddings,
                               known before any block runs, instead of from f itself
-    mask_class='mod.Class'    your own LearnedDropout subclass (README, "Your own mask")
+    mask_class='mod.Class'    your own LearnedDropout subclass (README, "Your own mask"), or one of
+                              the controls here: StaticMask (one learned M per channel, no input)
+                              and RandomMask (a fixed M, not learned)
 """
 
 import importlib
@@ -29,7 +31,8 @@ import torch.nn as nn
 from baseline_model import GPTConfig as BaselineConfig, GPT as BaselineGPT
 from baseline_model import Block, CausalSelfAttention, KVCache, attend
 
-__all__ = ['GPTConfig', 'LearnedDropout', 'FourierMask', 'SoftMask', 'LearnedBlock', 'GPT', 'KVCache', 'MASK_STATS']
+__all__ = ['GPTConfig', 'LearnedDropout', 'FourierMask', 'SoftMask', 'SoftFourierMask', 'StaticMask', 'RandomMask',
+           'LearnedBlock', 'GPT', 'KVCache', 'MASK_STATS']
 
 
 @dataclass
@@ -65,10 +68,11 @@ class GPTConfig(BaselineConfig):
             raise ValueError(f"mask_fourier_terms must be >= 1, got {self.mask_fourier_terms}")
         if self.mask_rounding not in ('stochastic', 'soft'):
             raise ValueError(f"mask_rounding must be 'stochastic' or 'soft', got {self.mask_rounding!r}")
-        if self.mask_class and (self.mask_fourier_terms != 1 or self.mask_rounding != 'stochastic'):
-            raise ValueError("mask_class cannot be combined with mask_fourier_terms or mask_rounding: "
-                             "subclass FourierMask or SoftMask in your class instead")
-        self.mask_type()  # an unknown mask_class fails here, before anything is built
+        cls = self.mask_type()  # an unknown mask_class fails here, before anything is built
+        if self.mask_fourier_terms != 1 and not issubclass(cls, FourierMask):
+            raise ValueError(f"mask_fourier_terms={self.mask_fourier_terms} needs a FourierMask; {cls.__name__} is not one")
+        if self.mask_rounding == 'soft' and not issubclass(cls, SoftMask):
+            raise ValueError(f"mask_rounding='soft' needs a SoftMask; {cls.__name__} is not one")
 
     def mask_type(self):
         """The LearnedDropout class every block uses."""
@@ -80,16 +84,20 @@ class GPTConfig(BaselineConfig):
 
 
 def import_mask_class(name):
-    """The class named 'module.Class' (module importable from the working directory or PYTHONPATH),
-    checked to be a LearnedDropout subclass."""
+    """The class named 'module.Class', checked to be a LearnedDropout subclass. The module is found
+    where Python finds modules: next to the script that runs (train.py, sample.py) or on PYTHONPATH."""
     module_name, _, class_name = name.rpartition('.')
     if not module_name:
         raise ValueError(f"mask_class must be 'module.Class' (e.g. 'my_mask.SigmoidMask'), got {name!r}")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name != module_name:  # the user's module was found, something it imports was not
+            raise ValueError(f"mask_class {name!r}: importing {module_name} failed: {e}") from None
         raise ValueError(f"mask_class {name!r}: cannot import {module_name} ({e}); put {module_name}.py next to "
                          f"train.py or on PYTHONPATH") from None
+    except ImportError as e:
+        raise ValueError(f"mask_class {name!r}: importing {module_name} failed: {e}") from None
     except AttributeError:
         raise ValueError(f"mask_class {name!r}: {module_name} has no {class_name}") from None
     if not (isinstance(cls, type) and issubclass(cls, LearnedDropout)):
@@ -113,6 +121,10 @@ class LearnedDropout(nn.Module):
         # the write-up's "temperature" remark: sample masks at inference too (off by default)
         self.stochastic_inference = False
 
+    def attention(self, x, kv_cache=None):
+        """z (B, T, C): the causal self-attention of x, with no output projection, residual or norm."""
+        return attend(self.c_attn, x, self.n_head, kv_cache)
+
     def mask(self, z):
         """M in [0, 1] from the attention output z (B, T, C)."""
         return 0.5 * torch.cos(z + self.shift) + 0.5
@@ -130,7 +142,7 @@ class LearnedDropout(nn.Module):
     def forward(self, x, kv_cache=None, source=None):
         """x (B, T, C) -> (x * R, M, R); the mask attends over source (B, T, C) if given, else
         over x itself (the method)."""
-        z = attend(self.c_attn, x if source is None else source, self.n_head, kv_cache)  # (B, T, C)
+        z = self.attention(x if source is None else source, kv_cache)  # (B, T, C)
         m = self.mask(z)  # (B, T, C), in [0, 1]
         r = self.round(m)  # (B, T, C), 0 or 1
         return x * r, m, r
@@ -164,6 +176,31 @@ class SoftMask(LearnedDropout):
 
 class SoftFourierMask(SoftMask, FourierMask):
     """FourierMask's M with SoftMask's R = M."""
+
+
+class StaticMask(LearnedDropout):
+    """A control: z = 0, so M = 0.5 * cos(b) + 0.5 is one learned keep probability per channel, the same for
+    every token; sampled, rounded and penalised as the method. Does the mask need the input at all?
+    (At shift_init 0 or pi it cannot move: dM/db = -0.5 sin(b) is 0 there and no z varies it.)"""
+
+    def __init__(self, config):
+        super().__init__(config)
+        del self.c_attn  # no attention: nothing of the input reaches the mask
+
+    def attention(self, x, kv_cache=None):
+        return torch.zeros_like(x)
+
+
+class RandomMask(StaticMask):
+    """A control: random masks at the method's site, each channel kept with the fixed probability
+    M = 0.5 * cos(shift_init) + 0.5 (so shift_init = acos(2 q - 1) keeps a share q), not learned, no
+    rescaling (selection, as the method). Is learning the mask needed?"""
+
+    def __init__(self, config):
+        super().__init__(config)
+        shift = self.shift.detach()
+        del self.shift
+        self.register_buffer('shift', shift)  # fixed: not a parameter
 
 
 class LearnedBlock(Block):

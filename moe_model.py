@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from baseline_model import GPTConfig as BaselineConfig, GPT as BaselineGPT
-from baseline_model import Block, KVCache
+from baseline_model import Block, Dropout, KVCache
 
 __all__ = ['GPTConfig', 'ExpertLinear', 'MoEMLP', 'MoEBlock', 'GPT', 'KVCache', 'MOE_STATS']
 
@@ -84,7 +84,7 @@ class MoEMLP(nn.Module):
         self.c_fc = ExpertLinear(config.n_expert, config.hidden_per_expert, config.n_embd)
         self.gelu = nn.GELU()  # exact (erf) GELU
         self.c_proj = ExpertLinear(config.n_expert, config.hidden_per_expert, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         B, T, C = x.size()

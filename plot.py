@@ -141,7 +141,7 @@ def token_layer_keep(out_dir, text, checkpoint):
         model, ckpt = load_model(os.path.join(out_dir, checkpoint))
     except CheckpointError as e:
         raise PlotError(str(e))
-    if ckpt['model_type'] != 'learned':
+    if not hasattr(model, 'set_mask_mode'):  # no learned masks
         raise PlotError(f"{out_dir} is a {ckpt['model_type']} run: mask charts need a learned model")
     try:
         encode, decode = get_codec(model.config.vocab_size, ckpt.get('tokenizer_cut'))

@@ -289,7 +289,8 @@ def finish_run(run, code):
     """After a child exits: copy a finished run's metrics and config to its dst; the error of a failed one
     (None when it finished or was stopped by a signal)."""
     name, out_dir = run['name'], run['out_dir']
-    if code != 0 and not (stop_signal and code < 0):  # killed by the forwarded signal: stopped, not failed
+    stopped = code < 0 or code in (128 + signal.SIGINT, 128 + signal.SIGTERM)  # by the forwarded signal
+    if code != 0 and not (stop_signal and stopped):  # stopped, not failed
         with open(run['log_path']) as f:
             last = [line.strip() for line in f if line.strip()][-1:]
         return f"{name} failed (exit {code}): {last[0] if last else '?'} (log: {run['log_path']})"

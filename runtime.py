@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import sys
 from contextlib import nullcontext
@@ -88,6 +87,26 @@ def pick_device(device):
         raise RuntimeSetupError(f"device {device!r} is not available here; available: "
                                 f"{', '.join(['auto'] + available_devices())}")
     return device
+
+
+def cpu_kind():
+    """The CPU's model name and the flags that decide its speed here (AVX2, AVX-512, bf16, AMX), so that
+    every figure carries its machine."""
+    name, flags = 'unknown CPU', set()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() == 'model name' and name == 'unknown CPU':
+                    name = value.strip()
+                elif key.strip() == 'flags':
+                    flags = set(value.split())
+                    break
+    except OSError:
+        import platform
+        name = platform.processor() or name
+    shown = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
+    return f"{name} ({' '.join(shown) or 'flags unknown'})"
 
 
 def cpu_has_fast_bf16():
@@ -227,16 +246,23 @@ def read_jsonl(path, warn=print):
 
 class RunLock:
     """An exclusive lock on a run folder (out_dir/.lock, fcntl.flock) for the life of the process: a
-    second run into the same folder is refused. The OS releases it if the process dies."""
+    second run into the same folder is refused. The OS releases it if the process dies. A .lock that is
+    a symbolic link is never followed (its target could be any file of the user's)."""
 
     def __init__(self, folder):
         import fcntl
         self.path = os.path.join(folder, '.lock')
-        self.file = open(self.path, 'a+')
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RuntimeSetupError(f"{self.path} is a symbolic link; remove it (a run folder's lock is a "
+                                        f"plain file)") from None
+            raise
+        self.file = os.fdopen(fd, 'r+')
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.file.seek(0)
             holder = self.file.read().strip() or 'unknown'
             self.file.close()
             raise RuntimeSetupError(f"{folder} is in use by another run (pid {holder}); wait for it to finish, "
@@ -285,19 +311,6 @@ def load_model(path, device='cpu'):
 
 
 # ----------------------------------------------------------------------------- train.py's guards
-
-def exit_on_signal_during_startup(script):
-    """Until the training loop installs its own handler, SIGINT/SIGTERM mean nothing was trained yet:
-    one line, then leave at once. os._exit, not sys.exit: a SystemExit raised inside a half-done import
-    can abort the interpreter's shutdown; start-up writes only whole files by rename, and the run lock
-    is released by the kernel."""
-    def handler(signum, frame):
-        print(f"{script}: stopped by {signal.Signals(signum).name} during start-up; nothing was trained",
-              file=sys.stderr, flush=True)
-        os._exit(0)
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
 
 def missing_data_hint(data_dir, dataset, cli_args, run_name):
     """What to run when data_dir/dataset is not prepared: the preparation, and for the full Wikipedia

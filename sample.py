@@ -58,7 +58,7 @@ try:
     encode, decode = get_codec(model.config.vocab_size, ckpt.get('tokenizer_cut'))
 except (CheckpointError, TokenizerError) as e:
     fail(str(e))
-if ckpt['model_type'] == 'learned':
+if hasattr(model, 'set_mask_mode'):  # a model with learned masks
     model.set_mask_mode(mask)
 elif mask != 'deterministic':
     fail(f"mask='stochastic' needs a learned model; this checkpoint is a {ckpt['model_type']} model", code=2)

@@ -122,6 +122,8 @@ ROWS = [
     ('bench.py', '--rounds=0', 1, 'rounds must be >= 1'),
     ('bench.py', '--gen_prompts=abc', 1, 'gen_prompts must be a comma-separated list of prompt lengths'),
     ('bench.py', '--device=bogus', 1, "device 'bogus' is not available here"),
+    ('bench.py', '--models=moe_params --shapes=quick', 1, 'moe_params has no quick shape'),
+    ('bench.py', '--models=moe_flops --shapes=small', 1, 'moe_flops has no small shape'),
     # reproduce.py
     ('reproduce.py', '--min_seeds=0', 1, 'min_seeds must be >= 1'),
     ('reproduce.py', '--calib_tokens=abc', 1, 'calib_tokens must be a comma-separated list of integers'),
@@ -202,3 +204,29 @@ def test_ids_check_names_the_largest_id(capsys, bad_data):
     data = np.memmap(os.path.join(bad_data, 'big_ids', 'train.bin'), dtype=np.uint16, mode='r')
     code, _, err = run(capsys, 'train.py', f'--data_dir={bad_data}', '--dataset=big_ids')
     assert f'token id {int(data.max())}' in err
+
+
+# ---------------------------------------------------------------------------- nothing of the user's damaged
+
+@pytest.mark.slow
+def test_overwrite_deletes_nothing_before_everything_is_checked(capsys, data_dir, tiny_run, tmp_path):
+    """--overwrite=True with a configuration that cannot build its model fails before deleting the run."""
+    d = tmp_path / 'run'
+    shutil.copytree(tiny_run, d)
+    before = {f: (d / f).read_bytes() for f in ('ckpt.pt', 'best.pt', 'metrics.jsonl')}
+    code, _, err = run(capsys, 'train.py', '--dataset=wiki_sample', f'--data_dir={data_dir}', f'--out_dir={d}',
+                       '--n_layer=1', '--n_embd=16', '--n_head=3', '--block_size=16', '--compile=False',
+                       '--overwrite=True')
+    assert code == 2 and 'n_embd (16) must be divisible by n_head (3)' in err
+    assert all((d / f).read_bytes() == b for f, b in before.items())
+
+
+def test_a_symlinked_lock_is_not_followed(tmp_path):
+    from runtime import RunLock, RuntimeSetupError
+    precious = tmp_path / 'precious.txt'
+    precious.write_text('the user\'s file')
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / '.lock').symlink_to(precious)
+    with pytest.raises(RuntimeSetupError, match='is a symbolic link; remove it'):
+        RunLock(str(tmp_path / 'run'))
+    assert precious.read_text() == 'the user\'s file'

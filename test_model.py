@@ -173,7 +173,7 @@ def test_stochastic_inference_option():
 # M = mask(z) in [0, 1] with z the causal attention of the input; R binary in every dtype (R = M for the
 # soft control); E[R] = M; dR/dM = 1; the model stays causal and its KV cache exact.
 
-SOFT = {'soft', 'soft_fourier3'}
+SOFT = {v for v, kw in MASK_VARIANTS.items() if issubclass(GPTConfig(**kw).mask_type(), model.SoftMask)}  # R = M
 HARD = [v for v in MASK_VARIANTS if v not in SOFT]
 
 
@@ -186,7 +186,9 @@ def mask_module(variant, n_embd=16, shift_init=math.pi / 2):
 def test_mask_classes_are_the_configured_ones():
     import conftest
     expected = {'method': model.LearnedDropout, 'fourier3': model.FourierMask, 'soft': model.SoftMask,
-                'soft_fourier3': model.SoftFourierMask, 'user_sigmoid': conftest.SigmoidMask}
+                'soft_fourier3': model.SoftFourierMask, 'user_sigmoid': conftest.SigmoidMask,
+                'static': model.StaticMask, 'random': model.RandomMask}
+    assert set(expected) == set(MASK_VARIANTS)
     for variant, cls in expected.items():
         assert type(mask_module(variant)) is cls
         assert all(type(b.learned_dropout) is cls for b in tiny(**MASK_VARIANTS[variant]).transformer.h)
@@ -194,8 +196,12 @@ def test_mask_classes_are_the_configured_ones():
                        ('conftest.NoSuchClass', 'has no NoSuchClass'), ('conftest.tiny', 'subclass of model.LearnedDropout')]:
         with pytest.raises(ValueError, match=match):
             GPTConfig(mask_class=bad)
-    with pytest.raises(ValueError, match='cannot be combined'):
+    with pytest.raises(ValueError, match="mask_rounding='soft' needs a SoftMask"):
         GPTConfig(mask_class='conftest.SigmoidMask', mask_rounding='soft')
+    with pytest.raises(ValueError, match='mask_fourier_terms=3 needs a FourierMask'):
+        GPTConfig(mask_class='conftest.SigmoidMask', mask_fourier_terms=3)
+    # a subclass of a variant takes that variant's settings
+    assert GPTConfig(mask_class='model.FourierMask', mask_fourier_terms=3).mask_type() is model.FourierMask
 
 
 @pytest.mark.parametrize('variant', MASK_VARIANTS)
@@ -203,8 +209,13 @@ def test_mask_is_computed_from_the_causal_attention(variant):
     ld = mask_module(variant).eval()
     x = torch.randn(2, 7, 16) * 5  # large z: every phase of a periodic mapping
     y, m, r = ld(x)
-    torch.testing.assert_close(m, ld.mask(reference_attention(ld.c_attn, x, 2)), rtol=1e-4, atol=1e-5)
-    assert torch.all((m >= 0) & (m <= 1)) and m.std() > 0.05
+    if isinstance(ld, model.StaticMask):  # the controls without attention: one M per channel, for every token
+        assert not hasattr(ld, 'c_attn') and torch.equal(m, ld.mask(torch.zeros_like(x)))
+        assert torch.equal(m, m[:1, :1].expand_as(m))
+    else:
+        torch.testing.assert_close(m, ld.mask(reference_attention(ld.c_attn, x, 2)), rtol=1e-4, atol=1e-5)
+        assert m.std() > 0.05
+    assert torch.all((m >= 0) & (m <= 1))
     assert torch.equal(r, m if variant in SOFT else (m >= 0.5).float())  # eval rounding
     assert torch.equal(y, x * r)  # selection: no 1/keep rescaling
 
@@ -252,6 +263,9 @@ def test_gradient_passes_straight_through_to_m(variant):
     """d(sum g * x * R)/dM = g * x: dR/dM = 1, whatever the rounding."""
     ld = mask_module(variant).train()
     x, g = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    if not any(p.requires_grad for p in ld.parameters()):  # RandomMask: a fixed M, nothing to learn
+        assert not ld(x)[1].requires_grad
+        return
     ms = []
     orig = ld.mask
     ld.mask = lambda z: ms.append(orig(z)) or ms[-1].retain_grad() or ms[-1]
@@ -259,6 +273,22 @@ def test_gradient_passes_straight_through_to_m(variant):
     (y * g).sum().backward()
     torch.testing.assert_close(ms[0].grad, g * x)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ld.parameters())
+
+
+def test_static_and_random_controls():
+    """StaticMask learns one keep probability per channel (its shift) and sees no input; RandomMask keeps a
+    fixed share 0.5 cos(shift_init) + 0.5, learns nothing, and is not decayed or saved as a parameter."""
+    static, rand = mask_module('static').train(), mask_module('random', shift_init=math.acos(2 * 0.3 - 1)).train()
+    assert [n for n, _ in static.named_parameters()] == ['shift']
+    assert list(rand.parameters()) == [] and 'shift' in dict(rand.named_buffers()) and 'shift' in rand.state_dict()
+    x = torch.randn(4000, 2, 16)
+    torch.manual_seed(0)
+    y, m, r = rand(x)
+    torch.testing.assert_close(m, torch.full_like(m, 0.3))
+    assert abs(r.mean().item() - 0.3) < 0.01
+    y, m, r = static(x)
+    (y * torch.randn_like(y)).sum().backward()
+    assert static.shift.grad.abs().min() > 0  # the per-channel keep probability learns
 
 
 @pytest.mark.parametrize('variant', MASK_VARIANTS)
@@ -398,6 +428,9 @@ def test_baseline_eval_has_no_dropout():
     assert not torch.equal(m4(x, x)[0], m0(x, x)[0])
 
 
+KEEP_SCALE = {p: 65536 / (65536 - round(p * 65536)) for p in (0.2, 0.3, 0.4)}  # p rounded to 2^-16 on a CPU
+
+
 @pytest.mark.parametrize('site', ['transformer.drop', 'attn.resid_dropout', 'mlp.dropout'])
 def test_baseline_dropout_acts_at_every_site(site):
     """Each of nanoGPT's dropout sites (embedding sum, attention output, MLP output) drops a share p of
@@ -411,7 +444,70 @@ def test_baseline_dropout_acts_at_every_site(site):
     x, y = seen[0]
     dropped = (y == 0) & (x != 0)
     assert abs(dropped.float().mean().item() - 0.3) < 0.03
-    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.7)
+    torch.testing.assert_close(y[~dropped], x[~dropped] * KEEP_SCALE[0.3])
+
+
+def attention_probabilities(p, T=16, past=0, seed=0):
+    """(the probabilities attend() used, after dropout, and before): one head whose values are the identity,
+    so that row i of its output is row i of the (dropped, rescaled) attention probabilities."""
+    g = torch.Generator().manual_seed(5)
+    qk = torch.randn(1, past + T, 2 * (past + T), generator=g)
+    v = torch.eye(past + T).unsqueeze(0)  # (1, Tk, Tk): value j is the unit vector e_j
+    qkv = torch.cat([qk, v], -1)  # (1, Tk, 3 Tk); C = Tk, one head of Tk
+    parts = iter([qkv[:, :past], qkv[:, past:]] if past else [qkv])
+    c_attn = lambda z: next(parts)  # noqa: E731  (one object: the cache is keyed by it)
+    cache = baseline_model.KVCache()
+    if past:
+        baseline_model.attend(c_attn, qkv[:, :past, :past + T], 1, cache)
+    torch.manual_seed(seed)
+    y = baseline_model.attend(c_attn, qkv[:, past:, :past + T], 1, cache if past else None, p)
+    q, k = qk[0, past:, :past + T], qk[0, :, past + T:]
+    scores = (q @ k.T) / math.sqrt(past + T)
+    scores = scores.masked_fill(torch.ones(T, past + T, dtype=torch.bool).tril(past).logical_not(), float('-inf'))
+    return y[0], scores.softmax(-1)
+
+
+@pytest.mark.parametrize('T, past', [(16, 0), (13, 0), (5, 11)])
+def test_attention_probability_dropout(T, past):
+    """On a CPU, dropout on the attention probabilities (in 4 query blocks, with or without a past): each
+    probability is kept with probability 1 - p and scaled by 1/(1 - p), causality holds, and with p rounding
+    to 0 it is exactly the plain causal attention."""
+    y, probs = attention_probabilities(1e-6, T, past)  # p rounds to 0: nothing dropped
+    torch.testing.assert_close(y, probs, rtol=1e-5, atol=1e-6)
+    kept = []
+    for seed in range(200):
+        y, probs = attention_probabilities(0.3, T, past, seed)
+        assert torch.all(y[probs == 0] == 0)  # causal: no weight on a future key
+        k = y[probs > 0] != 0
+        torch.testing.assert_close(y[probs > 0][k], probs[probs > 0][k] * KEEP_SCALE[0.3])
+        kept.append(k.float())
+    rate = torch.cat(kept).mean().item()
+    n = sum(len(k) for k in kept)
+    assert abs(rate - 0.7) < 5 * (0.21 / n) ** 0.5
+
+
+@pytest.mark.parametrize('compiled', [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_cpu_dropout_is_independent_bernoulli(compiled):
+    """The CPU dropout (eager: 16-bit lanes of 64-bit draws; compiled: a hashed counter) keeps each element
+    with probability 1 - p and scales it by 1/(1 - p); elements are independent of their neighbours
+    (lags 1 to 8, inside and across the 64-bit words) and between calls; a seed reproduces the masks."""
+    f = torch.compile(baseline_model.dropout, dynamic=False) if compiled else baseline_model.dropout
+    x = torch.rand(256, 1024) + 0.5
+    torch.manual_seed(0)
+    y1, y2 = f(x, 0.2), f(x, 0.2)
+    torch.manual_seed(0)
+    assert torch.equal(f(x, 0.2), y1)  # reproducible from the seed
+    k1, k2 = (y1 != 0).float(), (y2 != 0).float()
+    n = k1.numel()
+    bound = 5 * (0.16 / n) ** 0.5  # five standard errors of a keep rate of 0.8
+    assert abs(k1.mean().item() - 0.8) < bound and abs(k2.mean().item() - 0.8) < bound
+    torch.testing.assert_close(y1[k1 > 0], x[k1 > 0] * KEEP_SCALE[0.2])
+    assert abs(y1.mean().item() / x.mean().item() - 1) < 0.01  # inverted dropout keeps the expectation
+    flat1, flat2 = k1.flatten() - 0.8, k2.flatten() - 0.8
+    corr_bound = 5 / n ** 0.5  # five standard errors of a correlation of independent draws
+    for lag in range(1, 9):
+        assert abs((flat1[:-lag] * flat1[lag:]).mean().item() / 0.16) < corr_bound, lag
+    assert abs((flat1 * flat2).mean().item() / 0.16) < corr_bound  # between calls (steps)
 
 
 def test_baseline_attention_probability_dropout():
@@ -440,7 +536,7 @@ def test_baseline_inverted_dropout_in_training():
     out = mlp.train()(x)
     dropped = out == 0
     assert abs(dropped.float().mean().item() - 0.4) < 0.01
-    torch.testing.assert_close(out[~dropped], ref[~dropped] / 0.6)  # kept values scaled by 1/(1-p)
+    torch.testing.assert_close(out[~dropped], ref[~dropped] * KEEP_SCALE[0.4])  # kept values scaled by 1/(1-p)
     assert abs(out.mean().item() - ref.mean().item()) < 0.05 * ref.abs().mean().item()
 
 

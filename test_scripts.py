@@ -173,6 +173,8 @@ def test_bench_smoke():
                         '--gen_prompts=1,4'], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
+    import runtime
+    assert lines[0].startswith(f'device: {runtime.cpu_kind()}')  # every figure names its CPU and flags
     for dt in ('float32', 'bfloat16'):
         for kind in ('learned', 'baseline'):
             row = next(line for line in lines if line.startswith(f'eager     {dt:9} {kind} '))
@@ -182,6 +184,15 @@ def test_bench_smoke():
     assert summary.startswith('summary: step time vs baseline quick/eager/float32 learned ')
     assert 'FLOP ratio quick learned' in summary and 'KV-cache generation speed-up quick prompt 1' in summary
     assert 'dtype speed-up quick/eager learned bfloat16' in summary
+
+
+def test_bench_small_shapes_take_any_learned_or_baseline_config():
+    import bench
+    model_type, args = bench.model_spec('baseline_dropout0.2', 'small')
+    assert model_type == 'baseline' and args['dropout'] == 0.2 and args['n_embd'] == 52 and args['vocab_size'] == 2048
+    assert bench.model_spec('learned_no_penalty', 'small')[1]['penalty_coeff'] == 0.0
+    with pytest.raises(bench.ShapeError, match='moe_params has no small shape'):
+        bench.model_spec('moe_params', 'small')
 
 
 STUDY_TOY = ['--rows=learned_shift0,baseline', '--min_seeds=2', '--min_seeds_other=2', '--max_seeds=2', '--max_iters=4',

@@ -16,7 +16,7 @@ one exactly), best.pt (model only), metrics.jsonl and config.json to out_dir. No
 mistake: out_dir is locked while a run uses it; training from scratch over a run is refused unless
 --overwrite=True, and even then only after configuration, data and model have been checked; every
 file is written to a temporary name and renamed (a kill or a full disk leaves the previous one whole).
-SIGINT/SIGTERM finish the step, save and print the resume command; a nan/inf loss stops the run
+SIGINT/SIGTERM finish the step, save, print the resume command and exit with 128 + the signal; a nan/inf loss stops the run
 before anything is saved. With torchrun, rank 0 logs and saves; every save checks the replicas agree.
 """
 
@@ -28,18 +28,18 @@ import signal
 import sys
 import time
 
-import numpy as np
-import torch
-from torch.distributed import destroy_process_group, init_process_group
-from torch.nn.parallel import DistributedDataParallel as DDP
+from configurator import ConfigError, configure, exit_on_signal_during_startup
+exit_on_signal_during_startup('train.py')  # before the slow imports: a signal there is one line, not a traceback
 
-from configurator import ConfigError, configure
-from runtime import (MODEL_TYPES, CheckpointError, RunComplete, RuntimeSetupError, autocast, check_data,
-                     every_window, exit_on_signal_during_startup, missing_data_hint, model_module, model_settings,
-                     open_run_folder, peak_flops, pick_device, pick_dtype, read_resume_checkpoint, replica_checksums,
-                     save_json, save_torch, setup_device, summarize, trim_metrics)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.distributed import destroy_process_group, init_process_group  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-exit_on_signal_during_startup('train.py')
+from runtime import (MODEL_TYPES, CheckpointError, RunComplete, RuntimeSetupError, autocast, check_data,  # noqa: E402
+                     every_window, missing_data_hint, model_module, model_settings, open_run_folder, peak_flops,
+                     pick_device, pick_dtype, read_resume_checkpoint, replica_checksums, save_json, save_torch,
+                     setup_device, summarize, trim_metrics)
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -119,6 +119,17 @@ try:  # checked here, before anything is written; vocab_size is the data's, set 
     gptconf = GPTConfig(**{f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size'})
 except (ValueError, TypeError) as e:
     fail(f"bad model configuration: {e}", code=2)
+own = {f.name for f in dataclasses.fields(GPTConfig)}
+for k in sorted(set(model_defaults) - own):
+    if config[k] != model_defaults[k]:
+        print(f"warning: {k}={config[k]!r} is not a setting of the {model_type} model; it is ignored", file=sys.stderr)
+wandb = None
+if wandb_log:  # checked before the run folder is touched
+    os.environ.setdefault('WANDB_MODE', 'offline')  # online needs a key and a network
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs wandb: pip install wandb", code=2)
 block_size = gptconf.block_size  # the context, and the length of the data windows
 if wandb_run_name is None:
     config_files = [a for a in cli_args if not a.startswith('--')]
@@ -302,7 +313,6 @@ def get_lr(it):
 # -----------------------------------------------------------------------------
 # logging: console, out_dir/metrics.jsonl, optionally wandb
 
-wandb = None
 if master_process:
     try:
         if init_from == 'resume' and os.path.exists(metrics_path):
@@ -312,12 +322,7 @@ if master_process:
                   os.path.join(out_dir, 'config.json'), 'config.json')
     except RuntimeSetupError as e:
         fail(str(e))
-    if wandb_log:
-        os.environ.setdefault('WANDB_MODE', 'offline')  # online needs a key and a network
-        try:
-            import wandb
-        except ImportError:
-            fail("wandb_log=True needs wandb: pip install wandb", code=2)
+    if wandb is not None:
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     print(f"{model_type} model, {raw_model.get_num_params():,} parameters, {dtype} on {device}"
           f"{f' x {ddp_world_size} processes' if ddp else ''}, {tokens_per_iter:,} tokens per iteration")
@@ -469,6 +474,7 @@ while True:
             print(f"stopped by {stop_signal or 'a signal'} after iter {iter_num - 1}; saved {ckpt_path}. "
                   f"Resume with: {resume_cmd}")
         break
+exit_code = 128 + signal.Signals[stop_signal].value if stop_signal else 0  # stopped early: not a finished run
 
 if master_process and wandb is not None:
     wandb.finish()
@@ -477,3 +483,4 @@ if ddp:
     # the other is still saving can die with "terminate called without an active exception" (SIGABRT)
     torch.distributed.barrier()
     destroy_process_group()
+sys.exit(exit_code)
