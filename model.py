@@ -228,8 +228,12 @@ class GPT(BaselineGPT):
     mask_input='embedding', one more attention, transformer.mask_attn, feeding every mask)."""
 
     block_type = LearnedBlock
-    n_attn_per_block = 2  # the block's attention and the mask's attention
     console_stats = ('ce', 'penalty', 'keep')
+
+    @property
+    def n_attn_per_block(self):
+        """The block's attention and the mask's, for the FLOP count (the controls without one: 1)."""
+        return 1 + hasattr(self.transformer.h[0].learned_dropout, 'c_attn')
 
     def __init__(self, config):
         super().__init__(config)

@@ -327,10 +327,12 @@ def missing_data_hint(data_dir, dataset, cli_args, run_name):
             f"--eval_interval=50 --eval_iters=10 --compile=False'")
 
 
-def every_window(path, block_size, batch_size, cap=None):
-    """(x, y) batches of up to batch_size of a token file's non-overlapping windows, in order (a last
-    partial one is left out); with more than cap windows, cap of them spread evenly over the file."""
-    data = np.memmap(path, dtype=np.uint16, mode='r')
+def every_window(data, block_size, batch_size, cap=None):
+    """(x, y) batches of up to batch_size of the non-overlapping windows of data (token ids: an array, or
+    the path of a uint16 token file), in order (a last partial one is left out); with more than cap
+    windows, cap of them spread evenly over the data."""
+    if isinstance(data, str):
+        data = np.memmap(data, dtype=np.uint16, mode='r')
     starts = np.arange((len(data) - 1) // block_size) * block_size
     if cap is not None and len(starts) > cap:
         starts = starts[np.linspace(0, len(starts) - 1, cap).round().astype(np.int64)]
@@ -338,6 +340,24 @@ def every_window(path, block_size, batch_size, cap=None):
     for i in range(0, len(starts), batch_size):
         w = torch.from_numpy(data[starts[i:i + batch_size, None] + window].astype(np.int64))  # (B, T+1)
         yield w[:, :-1], w[:, 1:]
+
+
+def val_halves(path, eot, block_size):
+    """{'val_select': ids, 'val_test': ids}: the documents of the token file at path (each ends with the
+    token eot) dealt alternately into two halves, so that neither half follows the file's order. One half
+    chooses a run's best evaluation (early stopping), the other reports it without that choice's bias."""
+    if eot is None:
+        raise RuntimeSetupError(f"{os.path.dirname(path)}/meta.json has no eot_token: eval_halves needs the document "
+                                f"boundaries; prepare the data again with prepare_wiki.py --force")
+    data = np.fromfile(path, dtype=np.uint16)
+    ends = np.flatnonzero(data == eot) + 1  # one past each document's end-of-text
+    docs = np.split(data, ends[:-1] if len(ends) and ends[-1] == len(data) else ends)
+    halves = {'val_select': np.concatenate(docs[0::2]), 'val_test': np.concatenate(docs[1::2] or [data[:0]])}
+    for name, ids in halves.items():
+        if len(ids) <= block_size:
+            raise RuntimeSetupError(f"{path}: its half {name} has {len(ids)} tokens ({len(docs)} documents in all), too "
+                                    f"few for block_size={block_size}; use eval_halves=False or more val data")
+    return halves
 
 
 def check_data(data_path, block_size, hint):

@@ -263,6 +263,38 @@ def test_eval_on_every_window_is_deterministic_and_exact(data_dir, tmp_path):
     assert len(starts) == 31 and starts[-1] + 33 <= 3000
 
 
+@pytest.mark.slow
+def test_eval_halves_split_val_by_alternate_documents(data_dir, tmp_path):
+    """eval_halves=True: val's documents dealt alternately into val_select and val_test, each evaluated on
+    every window (eval_windows='all'), equal to a hand computation; val itself is unchanged."""
+    import numpy as np
+    from runtime import load_model
+    src = os.path.join(data_dir, 'wiki_sample')
+    meta = json.load(open(os.path.join(src, 'meta.json')))
+    val = np.fromfile(os.path.join(src, 'val.bin'), dtype=np.uint16)
+    val = val[:np.flatnonzero(val == meta['eot_token'])[29] + 1]  # its first 30 documents
+    tiny = tmp_path / 'data' / 'tiny'
+    tiny.mkdir(parents=True)
+    np.fromfile(os.path.join(src, 'train.bin'), dtype=np.uint16)[:3000].tofile(tiny / 'train.bin')
+    val.tofile(tiny / 'val.bin')
+    json.dump(dict(meta, train_tokens=3000, val_tokens=len(val)), open(tiny / 'meta.json', 'w'))
+    run = tmp_path / 'run'
+    ok(train(tmp_path / 'data', run, '--dataset=tiny', '--eval_windows=all', '--eval_halves=True', '--dtype=float32',
+             '--max_iters=2', '--eval_interval=2'))
+    last = [x for x in records(run) if 'val/loss' in x][-1]
+    model, _ = load_model(str(run / 'ckpt.pt'))
+    docs = np.split(val, np.flatnonzero(val == meta['eot_token'])[:-1] + 1)
+    assert len(docs) == 30
+    for name, part in (('val_select', docs[0::2]), ('val_test', docs[1::2])):
+        data = torch.from_numpy(np.concatenate(part).astype(np.int64))
+        w = torch.stack([data[s:s + 33] for s in range(0, len(data) - 33 + 1, 32)])
+        with torch.no_grad():
+            logits, _ = model(w[:, :-1], w[:, 1:])
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten()).item()
+        assert last[f'{name}/loss'] == pytest.approx(ce, rel=1e-5), name
+    assert last['val_select/loss'] != last['val_test/loss'] and 'val/loss' in last
+
+
 def final_state(out_dir):
     return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
 

@@ -404,6 +404,9 @@ SEED_SIZES = {
     'learned_fourier': (15_342_990, 15_342_990, 110_029_140),
     'learned_soft': (15_335_424, 15_335_424, 109_983_744),
     'baseline_narrow': (13_714_272, 13_714_272, 91_271_232),
+    'baseline_dropout0.1': (15_441_192, 15_441_192, 102_381_552),
+    'learned_static': (13_718_016, 13_718_016, 91_293_696),  # no mask attention: one attention per block
+    'learned_random': (13_714_272, 13_714_272, 91_271_232),  # the width control's size: its fixed M is no parameter
 }
 
 

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from runtime import (MODEL_TYPES, CheckpointError, RunComplete, RuntimeSetupError, autocast, check_data,  # noqa: E402
                      every_window, missing_data_hint, model_module, model_settings, open_run_folder, peak_flops,
                      pick_device, pick_dtype, read_resume_checkpoint, replica_checksums, save_json, save_torch,
-                     setup_device, summarize, trim_metrics)
+                     setup_device, summarize, trim_metrics, val_halves)
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -49,6 +49,7 @@ eval_interval = 500  # evaluate (and checkpoint) every this many iterations
 log_interval = 10  # log training statistics every this many iterations
 eval_iters = 200  # batches per split in each evaluation (eval_windows='random')
 eval_windows = 'random'  # 'random': eval_iters random batches (the seed's); 'all': the whole val split in non-overlapping windows
+eval_halves = False  # also evaluate val's documents in two halves (alternate documents): val_select/, val_test/ records
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # write ckpt.pt at every evaluation, not only when val improves
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
@@ -184,9 +185,18 @@ batch_gen = torch.Generator().manual_seed(seed + ddp_rank)  # training windows, 
 window = np.arange(block_size + 1)
 
 
+# val's documents split in two (early stopping chosen on one half, the result read on the other), in memory
+halves = val_halves(os.path.join(data_path, 'val.bin'), meta.get('eot_token'), block_size) if eval_halves else {}
+
+
+def tokens(split):
+    """A split's token ids: train.bin or val.bin (a new memmap each call: a long-lived one keeps growing
+    in memory, a numpy issue), or one of val's halves."""
+    return halves[split] if split in halves else np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+
 def get_batch(split, generator):
-    # a new memmap each call: a long-lived one keeps growing in memory (numpy issue)
-    data = np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=np.uint16, mode='r')
+    data = tokens(split)
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     w = torch.from_numpy(data[ix[:, None] + window].astype(np.int64))  # (B, T+1)
     x, y = w[:, :-1], w[:, 1:]
@@ -282,10 +292,10 @@ def estimate_loss():
     eval-mode statistics; every window weighs the same."""
     out = {}
     model.eval()
-    for split in ('train', 'val'):
+    for split in ('train', 'val', *halves):
         if eval_windows == 'all':  # the train split capped at val's number of windows
-            path, cap = os.path.join(data_path, f'{split}.bin'), (meta['val_tokens'] - 1) // block_size
-            batches = ((x.to(device), y.to(device)) for x, y in every_window(path, block_size, batch_size, cap))
+            cap = (meta['val_tokens'] - 1) // block_size
+            batches = ((x.to(device), y.to(device)) for x, y in every_window(tokens(split), block_size, batch_size, cap))
         else:
             gen = torch.Generator().manual_seed(seed + 1)  # fixed eval batches: comparable across evaluations
             batches = (get_batch(split, gen) for _ in range(eval_iters))
@@ -382,8 +392,9 @@ while True:
             evaluated_at = iter_num
             extra = ''.join(f", val {k} {losses[f'val/{k}']:.4f}" for k in raw_model.console_stats
                             if k != 'ce' and f'val/{k}' in losses)
+            halves_line = ''.join(f", {h.replace('_', ' ')} {losses[f'{h}/loss']:.4f}" for h in halves)
             print(f"step {iter_num}/{max_iters}: train loss {losses['train/loss']:.4f}, "
-                  f"val loss {losses['val/loss']:.4f}{extra}")
+                  f"val loss {losses['val/loss']:.4f}{halves_line}{extra}")
             log({'iter': iter_num, **losses, 'lr': lr})
             improved = losses['val/loss'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val/loss'])
