@@ -446,6 +446,37 @@ def check_resume(checkpoint, path, model_type, model_args):
                                     f"resume with the config the run was started with")
 
 
+def rng_state(batch_gen, device):
+    """This process's random streams: the model's noise (masks, dropout) and the batch sampler's."""
+    state = {'torch': torch.get_rng_state(), 'batch': batch_gen.get_state()}
+    if str(device).startswith('cuda'):
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, batch_gen, device):
+    """Continue the random streams that rng_state saved."""
+    torch.set_rng_state(state['torch'])
+    batch_gen.set_state(state['batch'])
+    if str(device).startswith('cuda'):
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+class StopRequest:
+    """From its creation, SIGINT and SIGTERM only set .signal (the name of the last one): a training loop
+    looks at it between steps, saves and leaves."""
+
+    def __init__(self):
+        import signal
+        self.signal = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.request)
+
+    def request(self, signum, frame):
+        import signal
+        self.signal = signal.Signals(signum).name
+
+
 def replica_checksums(model, world_size):
     """Every DDP rank's weight checksum, gathered (all ranks must call it). Replicas must hold identical
     weights (all-reduced gradients, same optimizer): checked at every save, where the loop syncs anyway,

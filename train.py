@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from runtime import (MODEL_TYPES, CheckpointError, RunComplete, RuntimeSetupError, autocast, check_data,  # noqa: E402
                      every_window, missing_data_hint, model_module, model_settings, open_run_folder, peak_flops,
-                     pick_device, pick_dtype, read_resume_checkpoint, replica_checksums, save_json, save_torch,
-                     setup_device, summarize, trim_metrics, val_halves)
+                     pick_device, pick_dtype, read_resume_checkpoint, replica_checksums, rng_state, save_json,
+                     save_torch, set_rng_state, setup_device, StopRequest, summarize, trim_metrics, val_halves)
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -169,10 +169,10 @@ ctx = autocast(dtype, device_type)
 # data: uniformly random windows of the memmapped token files
 
 data_path = os.path.join(data_dir, dataset)
-
-
 try:
     meta = check_data(data_path, block_size, lambda: missing_data_hint(data_dir, dataset, cli_args, wandb_run_name))
+    # val's documents split in two (early stopping chosen on one half, the result read on the other), in memory
+    halves = val_halves(os.path.join(data_path, 'val.bin'), meta.get('eot_token'), block_size) if eval_halves else {}
 except RuntimeSetupError as e:
     fail(str(e))
 vocab_size = meta['vocab_size']
@@ -183,10 +183,6 @@ gptconf = dataclasses.replace(gptconf, vocab_size=vocab_size)
 model_args = dataclasses.asdict(gptconf)
 batch_gen = torch.Generator().manual_seed(seed + ddp_rank)  # training windows, saved for exact resume
 window = np.arange(block_size + 1)
-
-
-# val's documents split in two (early stopping chosen on one half, the result read on the other), in memory
-halves = val_halves(os.path.join(data_path, 'val.bin'), meta.get('eot_token'), block_size) if eval_halves else {}
 
 
 def tokens(split):
@@ -237,15 +233,11 @@ if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     scaler.load_state_dict(checkpoint['scaler'])
     iter_num, best_val_loss, evaluated_at = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['evaluated_at']
-    rng = checkpoint['rng'][ddp_rank] if len(checkpoint['rng']) == ddp_world_size else None
-    if rng is None:
+    if len(checkpoint['rng']) == ddp_world_size:  # the random streams continue exactly
+        set_rng_state(checkpoint['rng'][ddp_rank], batch_gen, device)
+    else:
         print(f"warning: {ckpt_path} was written by {len(checkpoint['rng'])} process(es), this run has "
               f"{ddp_world_size}: random streams restart from the seed")
-    else:
-        torch.set_rng_state(rng['torch'])
-        batch_gen.set_state(rng['batch'])
-        if device_type == 'cuda':
-            torch.cuda.set_rng_state(rng['cuda'], device)
     checkpoint = None  # free the memory
 raw_model = model
 if compile:
@@ -253,21 +245,13 @@ if compile:
 train_model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None) if ddp else model
 
 
-def rng_state():
-    """This rank's random streams: the model's noise (masks, dropout) and the batch sampler."""
-    state = {'torch': torch.get_rng_state(), 'batch': batch_gen.get_state()}
-    if device_type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    return state
-
-
 def save_checkpoint(path, with_optimizer=True):
     """Written to a temporary name and renamed, so an interrupted save never clobbers a good file.
     Every rank must call it (the RNG states and weight checksums are gathered); rank 0 writes."""
-    states, checksums = [rng_state()], [None]
+    states, checksums = [rng_state(batch_gen, device)], [None]
     if ddp:
         states = [None] * ddp_world_size
-        torch.distributed.all_gather_object(states, {k: v.cpu() for k, v in rng_state().items()})
+        torch.distributed.all_gather_object(states, {k: v.cpu() for k, v in rng_state(batch_gen, device).items()})
         try:
             checksums = replica_checksums(raw_model, ddp_world_size)
         except RuntimeSetupError as e:
@@ -350,16 +334,7 @@ def log(record):
 # -----------------------------------------------------------------------------
 # stopping: SIGINT/SIGTERM finish the step, save and exit; a non-finite loss stops the run
 
-stop_signal = None
-
-
-def request_stop(signum, frame):
-    global stop_signal
-    stop_signal = signal.Signals(signum).name
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+stop = StopRequest()  # from here on a signal sets stop.signal; the loop saves and leaves at its next step
 
 
 def check_finite(bad_iter):
@@ -471,21 +446,21 @@ while True:
         print(line, flush=True)
         log(record)
 
-    stop = stop_signal is not None
+    stopping = stop.signal is not None
     if ddp and log_step:  # agree on stopping only where the loop syncs anyway
-        flag = torch.tensor(float(stop), device=device)
+        flag = torch.tensor(float(stopping), device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        stop = bool(flag)
+        stopping = bool(flag)
     elif ddp:
-        stop = False
-    if stop:
+        stopping = False
+    if stopping:
         check_finite(bad_iter)
         save_checkpoint(ckpt_path)
         if master_process:
-            print(f"stopped by {stop_signal or 'a signal'} after iter {iter_num - 1}; saved {ckpt_path}. "
+            print(f"stopped by {stop.signal or 'a signal'} after iter {iter_num - 1}; saved {ckpt_path}. "
                   f"Resume with: {resume_cmd}")
         break
-exit_code = 128 + signal.Signals[stop_signal].value if stop_signal else 0  # stopped early: not a finished run
+exit_code = 128 + signal.Signals[stop.signal].value if stop.signal else 0  # stopped early: not a finished run
 
 if master_process and wandb is not None:
     wandb.finish()
