@@ -44,6 +44,8 @@ def check_value(key, value, default, source):
     """The value to store for key, or ConfigError if its type does not fit the default's.
     An int may stand for a float; a None default accepts anything (its rule checks it), and None
     is accepted for any key (rules decide whether None is allowed, see check_rules)."""
+    if isinstance(value, float) and not math.isfinite(value):  # 1e400 is inf: it would pass every x >= 0 rule
+        raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
     if default is None or value is None:
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

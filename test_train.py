@@ -162,6 +162,7 @@ def test_tiny_training_run(data_dir, tmp_path, model_type):
     assert 'first_step_s' in steps[0] and 'ms_per_iter' not in steps[0]
     assert all(TRAIN_KEYS <= set(x) for x in steps[1:])
     assert 'iter 29/30:' in r.stdout and 'ETA' in r.stdout
+    assert '(warm-up)' in r.stdout and 'compilation' not in r.stdout  # nothing was compiled
     if model_type == 'learned':
         assert all(MASK_KEYS <= set(x) for x in steps)
         assert len(steps[0]['keep_per_layer']) == 2

@@ -431,7 +431,7 @@ while True:
         line += f", lr {lr:.2e}"
         if first_step_s is not None:
             record['first_step_s'] = first_step_s
-            line += f", first step {first_step_s:.1f} s (compilation and warm-up)"
+            line += f", first step {first_step_s:.1f} s ({'compilation and ' if compile else ''}warm-up)"
         elif iters_since_log:
             dt = (time.time() - t_log) / iters_since_log
             t_log, iters_since_log = time.time(), 0
