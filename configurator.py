@@ -112,8 +112,9 @@ def print_help(config, script, doc, extra_help=()):
     adds entries, as option_comments returns them, for options declared elsewhere (the models' settings)."""
     name = os.path.basename(script)
     print((doc or '').strip())
-    print(f"\nusage: python {name} [CONFIG_FILE ...] [--key=value ...]   (config files are Python, run in order;"
-          f"\n       --key=value overrides come after them; values are Python literals or plain text)\n")
+    print(f"\nusage: python {name} [CONFIG_FILE ...] [--key=value | --key value ...]   (config files are Python, run"
+          f"\n       in order; the overrides apply after every config file, wherever they stand; values are Python"
+          f"\n       literals or plain text)\n")
     print("options (default, then what it does):")
     width = max(len(k) for k in config)
     pending, shown = None, set()
@@ -145,7 +146,16 @@ def configure(config, argv, script=None, doc=None, rules=None, extra_help=()):
         sys.exit(0)
     defaults = dict(config)
     known = sorted(config)
-    for arg in argv:
+    args, i = [], 0
+    while i < len(argv):  # --key value is --key=value
+        arg = argv[i]
+        if arg.startswith('--') and '=' not in arg and len(arg) > 2 and i + 1 < len(argv) \
+                and not argv[i + 1].startswith('--'):
+            arg, i = f"{arg}={argv[i + 1]}", i + 1
+        args.append(arg)
+        i += 1
+    # config files first, in order, then the overrides: an override wins wherever it stands
+    for arg in sorted(args, key=lambda a: a.startswith('--')):
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file not found: {arg} (config files live in config/, e.g. "
@@ -166,7 +176,9 @@ def configure(config, argv, script=None, doc=None, rules=None, extra_help=()):
         else:
             key, eq, raw = arg[2:].partition('=')
             if not eq or not key:
-                raise ConfigError(f"malformed argument '{arg}': write --key=value (e.g. --compile=True)")
+                example = next(iter(defaults), 'key')
+                raise ConfigError(f"malformed argument '{arg}': write --key=value or --key value "
+                                  f"(e.g. --{example}={defaults.get(example, 'value')})")
             if key not in config:
                 raise unknown_key(key, known, arg)
             try:

@@ -119,6 +119,7 @@ ROWS = [
     ('sample.py', '--out_dir={run} --start=FILE:{tmp}/binary.bin', 2, 'is not UTF-8 text'),
     ('sample.py', '--out_dir={run} --start=FILE:{tmp}/missing.txt', 1, 'cannot read the prompt file'),
     ('sample.py', '--out_dir={tmp}', 1, 'no checkpoint at'),
+    ('sample.py', '--out_dir={run} --top_k', 2, "write --key=value or --key value (e.g. --out_dir=out)"),
     # bench.py
     ('bench.py', '--modes=foo', 1, 'modes must be a comma-separated list of eager, compiled'),
     ('bench.py', '--shapes=foo', 1, 'shapes must be a comma-separated list of seed, quick'),

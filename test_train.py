@@ -80,6 +80,19 @@ def test_config_errors(arg, message):
         configure(dict(DEFAULTS), [arg])
 
 
+def test_space_form_and_overrides_win_wherever_they_stand(tmp_path):
+    """--key value is --key=value (as argparse scripts accept it); an override placed before a config file
+    still wins over it; a bare last --key is malformed and the message names one of this script's options."""
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text("n_layer = 6\nout_dir = 'out/cfg'\n")
+    c = configure(dict(DEFAULTS), ['--n_layer', '2', str(cfg), '--out_dir', 'out/x y', '--compile', 'True'])
+    assert c['n_layer'] == 2 and c['out_dir'] == 'out/x y' and c['compile'] is True
+    assert configure(dict(DEFAULTS), [str(cfg), '--learning_rate', '1e-3'])['n_layer'] == 6
+    with pytest.raises(ConfigError, match=r"malformed argument '--compile': write --key=value or --key value "
+                                          r"\(e\.g\. --n_layer=12\)"):
+        configure(dict(DEFAULTS), [str(cfg), '--compile'])
+
+
 def test_config_file(tmp_path):
     good = tmp_path / 'good.py'
     good.write_text("import math\n_width = 2\nn_layer = 3 * _width\nshift_init = math.pi / 2\n")
