@@ -148,27 +148,22 @@ def attend(c_attn, x, n_head, kv_cache=None, dropout_p=0.0):
             k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
         kv_cache[c_attn] = (k, v)
     Tk = k.size(2)
-    if x.device.type == 'cpu' and dropout_p and T > 1:
-        # dropout on the probabilities: the fused kernel's would draw a float per element, so they are formed
-        # here and dropped with dropout_mask's cheaper bits. The queries go in 4 blocks, each against only the
-        # keys it can see, which skips most of the masked half of the (T, Tk) scores
-        ys, Tq = [], -(-T // 4)
+    if x.device.type == 'cpu' and T > 1 and (dropout_p or q.dtype in (torch.bfloat16, torch.float16)):
+        # on a CPU the fused kernel is slower than these three ops in bf16 (BENCHMARK.md), though faster in
+        # float32 and for one new token, and its dropout would draw a float per element; the scores (a bf16
+        # product) are scaled and normalized in float32. With dropout the queries go in 4 blocks, each against
+        # only the keys it can see, which skips most of the masked half of the (T, Tk) probabilities
+        ys, Tq = [], -(-T // 4) if dropout_p else T
         for start in range(0, T, Tq):
             qb = q[:, :, start:start + Tq]  # (B, nh, Tq, hs)
             end = Tk - T + start + qb.size(2)  # these queries see keys [0, end)
             mask = torch.ones(qb.size(2), end, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T + start)
             att = (qb @ k[:, :, :end].transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, end)
             att = att.masked_fill(~mask, float('-inf')).softmax(dim=-1)
-            keep, scale = dropout_mask(att, dropout_p)
-            ys.append((att * torch.where(keep, scale, 0.0)).to(v.dtype) @ v[:, :, :end])  # (B, nh, Tq, hs)
-        y = torch.cat(ys, dim=2)  # (B, nh, T, hs)
-    elif x.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and T > 1:
-        # on a CPU the fused kernel is slower than these three ops in bf16 (BENCHMARK.md), though faster in
-        # float32 and for one new token; the scores (a bf16 product) are scaled and normalized in float32
-        mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)  # causal, bottom right
-        att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
-        att = att.masked_fill(~mask, float('-inf')).softmax(dim=-1)
-        y = att.to(v.dtype) @ v  # (B, nh, T, hs)
+            if dropout_p:
+                att = dropout(att, dropout_p)
+            ys.append(att.to(v.dtype) @ v[:, :, :end])  # (B, nh, Tq, hs)
+        y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]  # (B, nh, T, hs)
     elif Tk == T:  # no past: the usual causal mask
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     elif T == 1:  # one new token sees every cached one
