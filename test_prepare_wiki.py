@@ -252,7 +252,7 @@ def test_interrupted_run_leaves_previous_output_whole(tmp_path):
     with pytest.raises(SystemExit, match='expected a JSON object'):
         prepare('--source=files', '--files', str(path), f'--data_dir={tmp_path}', '--name=x', '--force')
     assert {f: (folder / f).read_bytes() for f in before} == before
-    assert sorted(os.listdir(folder)) == ['meta.json', 'train.bin', 'val.bin']  # no .tmp left
+    assert sorted(os.listdir(folder)) == ['.lock', 'meta.json', 'train.bin', 'val.bin']  # no .tmp left
     # a first run that fails leaves no train.bin at all
     with pytest.raises(SystemExit):
         prepare('--source=files', '--files', str(path), f'--data_dir={tmp_path}', '--name=y')
@@ -264,7 +264,7 @@ def prepared(folder):
     meta = json.loads((folder / 'meta.json').read_text())
     for split in ('train', 'val'):
         assert (folder / f'{split}.bin').stat().st_size == 2 * meta[f'{split}_tokens']
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name != '.lock'}
 
 
 @pytest.mark.slow
@@ -306,7 +306,7 @@ def test_stale_temporaries_are_removed_live_and_user_files_kept(tmp_path):
     prepare('--source=files', '--files', str(tmp_path / 'a.txt'), f'--data_dir={tmp_path}', '--name=x')
     assert signal.getsignal(signal.SIGTERM) == handler  # main() gives in-process callers their handler back
     check_output(folder, DOCS)
-    assert sorted(os.listdir(folder)) == sorted(['meta.json', 'train.bin', 'val.bin'] + live)
+    assert sorted(os.listdir(folder)) == sorted(['.lock', 'meta.json', 'train.bin', 'val.bin'] + live)
     assert all((folder / name).read_bytes() == b'partial' for name in live)
 
 
@@ -376,7 +376,7 @@ def test_plain_progress_lines_without_a_terminal(tmp_path):
     r = run_cli('--source=sample', '--max_articles=4096', f'--data_dir={tmp_path}')  # stderr: a pipe
     assert r.returncode == 0, r.stderr
     assert '\r' not in r.stdout + r.stderr and '\x1b[' not in r.stdout + r.stderr
-    assert re.search(r'^prepare: 2,048 docs, [\d,]+ tokens written, \d+ s$', r.stderr, re.M), r.stderr
+    assert re.search(r'^prepare: 2,048 docs, [\d,]+ tokens so far, \d+ s$', r.stderr, re.M), r.stderr
 
 
 def test_corrupt_meta_is_redone(tmp_path):

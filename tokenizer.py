@@ -61,6 +61,11 @@ def get_gpt2_cut(n):
                              special_tokens={'<|endoftext|>': n}, explicit_n_vocab=n + 1)
 
 
+def vocab_size_of(tokenizer_cut=None):
+    """The number of ids of GPT-2's tokenizer (50257) or of its cut to tokenizer_cut ranks (get_gpt2_cut)."""
+    return EOT + 1 if tokenizer_cut is None else tokenizer_cut + 1
+
+
 def get_codec(vocab_size, tokenizer_cut=None):
     """(encode, decode) between text and a model's token ids: GPT-2's vocabulary, or with
     tokenizer_cut=n (the checkpoint's field, from its data's meta.json) GPT-2's cut to n ranks
