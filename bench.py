@@ -20,7 +20,8 @@ import time
 import torch
 
 from configurator import ConfigError, configure
-from runtime import RuntimeSetupError, autocast, cpu_kind, model_module, peak_flops, pick_device, pick_dtype, setup_device
+from runtime import (RuntimeSetupError, autocast, check_memory, cpu_kind, model_module, peak_flops, pick_device,
+                     pick_dtype, setup_device)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
@@ -218,11 +219,11 @@ def main():
     B = batch_size or (50 if dev_type == 'cuda' else 8)
     name = torch.cuda.get_device_name(dev) if dev_type == 'cuda' else f'{cpu_kind()}, {torch.get_num_threads()} threads'
     print(f"device: {name}; dtype {', '.join(dtypes)}; torch {torch.__version__}")
-    try:  # every shape and model exists before anything is timed
+    try:  # every shape and model exists, and its training step fits in memory, before anything is timed
         for shape in shapes.split(',') if train else []:
             for n in models.split(','):
-                model_spec(n, shape)
-    except ShapeError as e:
+                check_memory(*model_spec(n, shape), B, dev, "lower --batch_size")
+    except (ShapeError, RuntimeSetupError) as e:
         sys.exit(f"bench.py: error: {e}")
     step_ratios, flop_ratios, dtype_speedups, gen_speedups = [], [], [], []
     if train:

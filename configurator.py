@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     pass
 
 
+# a seed's rule, for every script that has one: torch seeds take 64 bits, and the scripts add small offsets
+# to a seed (seed + rank, seed + 1 for the evaluation batches), so the top half of that range is left out
+SEED_RULE = ('0 <= x < 2**63', 'an integer in [0, 2**63)')
+
+
 def exit_on_signal_during_startup(script):
     """Until a script installs its own handler, SIGINT/SIGTERM mean nothing was done yet: one line, then
     leave at once with the conventional code 128 + signal, so that `train.py ... && sample.py ...` stops.
@@ -160,13 +165,21 @@ def configure(config, argv, script=None, doc=None, rules=None, extra_help=()):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file not found: {arg} (config files live in config/, e.g. "
                                   f"config/quick_learned.py)")
-            with open(arg) as f:
-                code = f.read()
+            try:
+                with open(arg, encoding='utf-8') as f:
+                    code = f.read()
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{arg} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {arg}: {e.strerror or e}") from None
             scope = dict(config)
             try:
                 exec(compile(code, arg, 'exec'), {}, scope)
-            except Exception as e:
-                raise ConfigError(f"{arg} failed to run: {type(e).__name__}: {e}")
+            except SystemExit as e:  # exit code 0 would end the run as if it had succeeded, with nothing done
+                raise ConfigError(f"{arg} called exit ({e.code!r}) while it was read: a config file only sets "
+                                  f"options; remove the call") from None
+            except BaseException as e:  # KeyboardInterrupt and the like too: one line, not a traceback
+                raise ConfigError(f"{arg} failed to run: {type(e).__name__}{f': {e}' if str(e) else ''}") from None
             for key, value in scope.items():
                 if key.startswith('_') or isinstance(value, types.ModuleType):
                     continue  # private helpers and imports (e.g. math for pi) are not settings

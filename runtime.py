@@ -18,6 +18,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from tokenizer import EOT, vocab_size_of
+
 PTDTYPE = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bf16 tensor-core peaks
 
@@ -119,7 +121,10 @@ def cpu_has_fast_bf16():
 def pick_dtype(dtype, device_type):
     """'auto' -> bfloat16 on CUDA where supported (float16 on older GPUs) and bf16 autocast on CPUs
     with fast bf16 instructions, float32 elsewhere: on such CPUs bf16 trained faster at every shape
-    measured (BENCHMARK.md)."""
+    measured (BENCHMARK.md). An explicit bfloat16 on a CPU without them works, emulated: one warning line."""
+    if dtype == 'bfloat16' and device_type == 'cpu' and not cpu_has_fast_bf16():
+        print(f"warning: dtype='bfloat16' on a CPU without bf16 instructions ({cpu_kind()}) is emulated and slower "
+              f"than float32, which dtype='auto' picks here", file=sys.stderr)
     if dtype != 'auto':
         return dtype
     if device_type == 'cuda':
@@ -157,6 +162,73 @@ def setup_device(device_type):
             libc.mallopt(M_MMAP_MAX, 0)
             libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
             libc.mallopt(M_TOP_PAD, 2 ** 29)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def training_memory(model_type, model_args, batch_size):
+    """Bytes one training step of this model at this micro-batch needs at least, in float32: the weights,
+    their gradients and AdamW's two moments (16 bytes a parameter), the logits and their gradient, and
+    every layer's activations kept for backward (Korthikanti et al. 2022: 34·C bytes a token at 16 bits,
+    doubled; the attention matrices left out, as fused attention keeps none). A lower bound, so that no
+    run that fits is refused: measured steps of the seed and other shapes took 1.2-1.5 times as much.
+    An evaluation needs less. The model is built on the meta device: counting its parameters allocates
+    nothing."""
+    module = model_module(model_type)
+    cfg = module.GPTConfig(**model_args)
+    with torch.device('meta'):
+        n_params = sum(p.numel() for p in module.GPT(cfg).parameters())
+    return 16 * n_params + batch_size * cfg.block_size * (8 * cfg.vocab_size + cfg.n_layer * 68 * cfg.n_embd)
+
+
+def available_memory(device):
+    """Bytes the device can still give this process: a GPU's free memory, else the system's available
+    memory (Linux's MemAvailable: free plus reclaimable caches); None where unknown."""
+    if str(device).startswith('cuda'):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, ValueError, IndexError, StopIteration):
+        try:
+            return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (OSError, ValueError, AttributeError):
+            return None
+
+
+def check_memory(model_type, model_args, batch_size, device, advice):
+    """Refuse, before anything is allocated, a run whose training step cannot fit in the device's memory:
+    on a CPU the kernel would otherwise kill the process (which nothing can catch) or swap for hours."""
+    need, have = training_memory(model_type, model_args, batch_size), available_memory(device)
+    if have is not None and need > have:
+        raise RuntimeSetupError(f"a training step of this model at batch_size={batch_size} needs at least about "
+                                f"{need / 1e9:,.1f} GB of memory, and {device} has {have / 1e9:,.1f} GB available; "
+                                f"{advice}", code=2)
+
+
+def is_out_of_memory(e):
+    """True for an allocator's failure: torch.OutOfMemoryError (a GPU), the CPU allocator's RuntimeError
+    ("not enough memory"), MemoryError (numpy, Python), also as the cause of another error."""
+    while e is not None:
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or isinstance(e, RuntimeError) and re.search(
+                r"not enough memory|out of memory|can't allocate memory", str(e), re.IGNORECASE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def one_line_on_out_of_memory(script, advice):
+    """From here on, an allocation that fails anywhere in the script ends it with one line and exit code 1
+    instead of a traceback (check_memory refuses the clear cases up front; this catches the rest, e.g. a
+    GPU shared with another process). Any other error keeps its traceback."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not is_out_of_memory(value):
+            return previous(kind, value, tb)
+        first = (str(value).strip().splitlines() or [kind.__name__])[0]
+        print(f"{script}: error: out of memory ({first}); {advice}", file=sys.stderr, flush=True)
+    sys.excepthook = hook
 
 
 # ----------------------------------------------------------------------------- files
@@ -245,11 +317,11 @@ def read_jsonl(path, warn=print):
 
 
 class RunLock:
-    """An exclusive lock on a run folder (out_dir/.lock, fcntl.flock) for the life of the process: a
-    second run into the same folder is refused. The OS releases it if the process dies. A .lock that is
+    """An exclusive lock on a run folder (out_dir/.lock, fcntl.flock; prepare_wiki.py locks its data folder
+    the same way) for the life of the process: a second run into the same folder is refused. The OS releases it if the process dies. A .lock that is
     a symbolic link is never followed (its target could be any file of the user's)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, advice="wait for it to finish, stop it, or choose another out_dir"):
         import fcntl
         self.path = os.path.join(folder, '.lock')
         try:
@@ -265,8 +337,7 @@ class RunLock:
         except OSError:
             holder = self.file.read().strip() or 'unknown'
             self.file.close()
-            raise RuntimeSetupError(f"{folder} is in use by another run (pid {holder}); wait for it to finish, "
-                                    f"stop it, or choose another out_dir") from None
+            raise RuntimeSetupError(f"{folder} is in use by another run (pid {holder}); {advice}") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(str(os.getpid()))
@@ -283,13 +354,34 @@ def read_checkpoint(path):
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py config/quick_learned.py) "
                               f"or point out_dir at a run folder")
+    import pickle
+    import warnings
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch warns in two lines about a pickle protocol it will refuse anyway
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's safe loader met a pickle that would import something (e.g. os.system), or bytes that are
+        # no pickle at all (an unsupported opcode): the first is refused as unsafe, the second is corrupt
+        why = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line), '')
+        if not why:
+            raise CheckpointError(f"cannot read {path} (not a torch checkpoint): the file is corrupt or incomplete; "
+                                  f"use another checkpoint (ckpt.pt or best.pt) or train again") from None
+        raise CheckpointError(f"{path} was refused as unsafe: it is not a plain checkpoint of tensors and numbers "
+                              f"({why}) and loading it could run code; use a checkpoint "
+                              f"train.py wrote (ckpt.pt or best.pt)") from None
     except Exception as e:
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or incomplete; "
                               f"use another checkpoint (ckpt.pt or best.pt) or train again")
-    if not isinstance(ckpt, dict) or 'model' not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint written by train.py")
+    if not isinstance(ckpt, dict):
+        what = f"it holds a {type(ckpt).__name__}"
+    else:
+        missing = [k for k in ('model', 'model_type', 'model_args') if k not in ckpt]
+        what = (f"it has no {', '.join(missing)}" if missing else None if isinstance(ckpt['model_args'], dict)
+                else "its model_args is not a dict")
+    if what:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py ({what}); use a run folder's "
+                              f"ckpt.pt or best.pt")
     return ckpt
 
 
@@ -312,19 +404,46 @@ def load_model(path, device='cpu'):
 
 # ----------------------------------------------------------------------------- train.py's guards
 
+def command_line(script, cli_args, drop=(), add=()):
+    """'python SCRIPT ARGS' to print as advice: the user's arguments as given, less the settings named in drop
+    (in either form, --key=value or --key value, as configurator reads them), plus the --key=value in add."""
+    import shlex
+    kept, i = [], 0
+    while i < len(cli_args):
+        arg = cli_args[i]
+        key = arg[2:].partition('=')[0] if arg.startswith('--') else None
+        n = 2 if key and '=' not in arg and i + 1 < len(cli_args) and not cli_args[i + 1].startswith('--') else 1
+        if key not in drop:
+            kept += cli_args[i:i + n]
+        i += n
+    return shlex.join(['python', script, *kept, *add])
+
+
+def given_settings(cli_args):
+    """The settings the command line sets (--key=value or --key value)."""
+    return {a[2:].partition('=')[0] for a in cli_args if a.startswith('--')}
+
+
+# the offline try of a seed config (README, "Trying a seed config on a CPU"): short, but past the warm-up,
+# so that the learning rate peaks and the masks visibly move (keep falls from 1.0 within about 100 steps)
+TRY_SETTINGS = {'batch_size': 4, 'gradient_accumulation_steps': 1, 'max_iters': 100, 'warmup_iters': 10,
+                'eval_interval': 25, 'eval_iters': 5, 'log_interval': 10, 'compile': False}
+
+
 def missing_data_hint(data_dir, dataset, cli_args, run_name):
-    """What to run when data_dir/dataset is not prepared: the preparation, and for the full Wikipedia
-    (which needs the Hugging Face Hub) the offline way to try the same model on the embedded sample."""
+    """What to run when data_dir/dataset is not prepared (train.py prepares the embedded sample itself):
+    the preparation, and for the full Wikipedia (which needs the Hugging Face Hub) the offline try of the
+    same model on the embedded sample: the user's arguments as given (an explicit --compile=True stays),
+    TRY_SETTINGS for every setting they did not give, in its own out_dir."""
     where = f" --data_dir={data_dir}" if data_dir != 'data' else ''
-    if dataset == 'wiki_sample':
-        return f"run 'python prepare_wiki.py --source=sample{where}'"
     if dataset != 'wikipedia':
         return f"run 'python prepare_wiki.py --source=files --files YOUR_FILES --name={dataset}{where}'"
+    given = given_settings(cli_args)
+    extra = [f'--{k}={v}' for k, v in {'out_dir': f'out/try_{run_name}', **TRY_SETTINGS}.items() if k not in given]
+    try_cmd = command_line('train.py', cli_args, drop=('dataset',), add=['--dataset=wiki_sample', *extra])
     return (f"run 'python prepare_wiki.py --max_tokens=42600000{where}' (streams Wikipedia from the Hugging Face Hub); "
-            f"offline, try this model on the embedded sample: 'python prepare_wiki.py --source=sample{where}' then "
-            f"'python train.py {' '.join(a for a in cli_args if not a.startswith('--dataset='))} --dataset=wiki_sample "
-            f"--out_dir=out/try_{run_name} --batch_size=8 --gradient_accumulation_steps=1 --max_iters=200 "
-            f"--eval_interval=50 --eval_iters=10 --compile=False'")
+            f"offline, try this model on the embedded sample for a few minutes (README, \"Trying a seed config on a "
+            f"CPU\"): {try_cmd}")
 
 
 def every_window(data, block_size, batch_size, cap=None):
@@ -364,7 +483,17 @@ def check_data(data_path, block_size, hint):
     """The prepared data at data_path, checked whole before any training: meta.json readable, the
     token files as long as it says and longer than a window, every id inside the vocabulary.
     Returns meta.json's dict; hint() says what to run when nothing is prepared there."""
-    if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
+    missing = False
+    for name in ('train.bin', 'val.bin', 'meta.json'):
+        try:  # a file that is there but cannot be read is not "no prepared data": say which and why
+            with open(os.path.join(data_path, name), 'rb'):
+                pass
+        except FileNotFoundError:
+            missing = True
+        except OSError as e:
+            raise RuntimeSetupError(f"cannot read {os.path.join(data_path, name)}: {e.strerror or e}; it must be a "
+                                    f"readable file (check its permissions)") from None
+    if missing:
         raise RuntimeSetupError(f"no prepared data in {data_path}: {hint()}")
     redo = "run prepare_wiki.py again with --force"
     try:
@@ -378,7 +507,11 @@ def check_data(data_path, block_size, hint):
         raise RuntimeSetupError(f"{data_path}/meta.json {what}: the preparation is incomplete or damaged; {redo}")
     for split in ('train', 'val'):
         path = os.path.join(data_path, f'{split}.bin')
-        n_tokens = os.path.getsize(path) // 2
+        size = os.path.getsize(path)
+        if size % 2:
+            raise RuntimeSetupError(f"{path} has an odd number of bytes ({size}) but holds 2-byte (uint16) tokens: it "
+                                    f"is truncated or not a token file; {redo}")
+        n_tokens = size // 2
         if n_tokens != meta[f'{split}_tokens']:
             raise RuntimeSetupError(f"{path} has {n_tokens} tokens but meta.json says {meta[f'{split}_tokens']}: "
                                     f"the preparation is incomplete; {redo}")
@@ -390,6 +523,17 @@ def check_data(data_path, block_size, hint):
         if top >= meta['vocab_size']:
             raise RuntimeSetupError(f"{path} holds token id {top} but meta.json's vocab_size is {meta['vocab_size']}: "
                                     f"the data and its meta.json do not belong together; {redo}")
+    # the tokenizer sample.py and plot.py will decode with: GPT-2's, or its cut to tokenizer_cut ranks
+    cut = meta.get('tokenizer_cut')
+    if cut is not None and (type(cut) is not int or not 256 <= cut <= EOT):
+        raise RuntimeSetupError(f"{data_path}/meta.json's tokenizer_cut must be an integer in [256, {EOT}] (the GPT-2 "
+                                f"ranks the data was cut to) or absent, got {cut!r}; {redo}")
+    vocab = vocab_size_of(cut)
+    if meta['vocab_size'] != vocab:
+        what = "GPT-2's" if cut is None else f"GPT-2 cut to {cut} ranks + <|endoftext|>"
+        raise RuntimeSetupError(f"{data_path}/meta.json says vocab_size={meta['vocab_size']} but its tokenizer ({what}) "
+                                f"has {vocab} ids: a model of that vocabulary could not be sampled or decoded; set "
+                                f"vocab_size to {vocab} in meta.json, or {redo}")
     return meta
 
 
@@ -407,8 +551,17 @@ def open_run_folder(out_dir, init_from, overwrite):
     except OSError as e:
         raise RuntimeSetupError(f"cannot write to out_dir {out_dir}: {e.strerror or e}") from None
     clean_stale_tmp(out_dir)
-    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    earlier = [f for f in RUN_FILES if os.path.lexists(os.path.join(out_dir, f))]
+    odd = [f for f in earlier if os.path.islink(os.path.join(out_dir, f)) or not os.path.isfile(os.path.join(out_dir, f))]
+    if odd:  # e.g. a directory named metrics.jsonl: a run could not append to, trim or replace it
+        raise RuntimeSetupError(f"{os.path.join(out_dir, odd[0])} is not a plain file (a directory or a link) where a "
+                                f"run keeps its {odd[0]}; move it away or choose another out_dir")
     if init_from == 'scratch' and earlier:
+        if not overwrite and 'ckpt.pt' not in earlier:  # resuming cannot help: say the one thing that works
+            raise RuntimeSetupError(
+                f"{out_dir} holds a run that was stopped before its first checkpoint ({', '.join(earlier)}, no "
+                f"ckpt.pt), so there is nothing to resume; start it over with --overwrite=True (deletes those "
+                f"files) or train into another --out_dir", code=2)
         if not overwrite:
             raise RuntimeSetupError(
                 f"{out_dir} already holds a run ({', '.join(earlier)}); continue it with --init_from=resume, "
@@ -422,13 +575,47 @@ class RunComplete(Exception):
     """The run to resume has reached max_iters; the message says how to extend it."""
 
 
-def read_resume_checkpoint(path, model_type, model_args, max_iters, eval_only, cli_args):
-    """The checkpoint to resume from, checked to hold the same model; RunComplete if it is finished."""
+RUN_IDENTITY = ('dataset', 'seed')  # settings a resumed run must share with its checkpoint, besides the model's
+
+
+def read_resume_checkpoint(path, model_type, model_args, max_iters, eval_only, cli_args, config, anyway=False):
+    """The checkpoint to resume from, checked to be this run's: a whole train.py checkpoint, of the same
+    model, dataset and seed, and of the run whose config.json is in its folder (unless anyway: a
+    documented choice to go on from another run's weights, or from a best.pt with a fresh optimizer).
+    RunComplete if it is finished."""
+    folder = os.path.dirname(path) or '.'
+    if not os.path.exists(path) and any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES):
+        raise RuntimeSetupError(f"{folder} holds a run that was stopped before its first checkpoint (no ckpt.pt), so "
+                                f"there is nothing to resume; start it over with: "
+                                f"{command_line('train.py', cli_args, ['init_from', 'overwrite'], ['--overwrite=True'])}", code=2)
     checkpoint = read_checkpoint(path)
+    missing = [k for k in ('iter_num', 'best_val_loss', 'evaluated_at', 'rng') if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} cannot be resumed: it has no {', '.join(missing)} (not a checkpoint of this "
+                              f"train.py); train the run again")
+    anyway_cmd = command_line('train.py', cli_args, ['resume_anyway'], ['--resume_anyway=True'])
+    if not anyway and not all(k in checkpoint for k in ('optimizer', 'scaler')):
+        raise RuntimeSetupError(f"{path} holds no optimizer state (as a best.pt, which keeps the model only), so "
+                                f"the run cannot continue exactly; put the run's own ckpt.pt back, or go on from these "
+                                f"weights with a fresh optimizer: {anyway_cmd}", code=2)
+    theirs = checkpoint.get('config') or {}
+    for k in RUN_IDENTITY:
+        if not anyway and k in theirs and theirs[k] != config[k]:
+            raise RuntimeSetupError(f"{path} was trained with {k}={theirs[k]!r} but this run has {k}={config[k]!r}: "
+                                    f"resume with the settings the run was started with, or mix the two in one run "
+                                    f"anyway: {anyway_cmd}", code=2)
+    try:  # the folder's own run, as config.json names it (absent or unreadable: nothing to compare)
+        with open(os.path.join(folder, 'config.json')) as f:
+            folder_id = json.load(f).get('run_id')
+    except (OSError, ValueError, AttributeError):
+        folder_id = None
+    if not anyway and folder_id and checkpoint.get('run_id') and folder_id != checkpoint['run_id']:
+        raise RuntimeSetupError(f"{path} belongs to another run (run_id {checkpoint['run_id']}) than {folder}/config.json "
+                                f"(run_id {folder_id}): it was copied here from another run folder; put this run's "
+                                f"ckpt.pt back, or continue the other run here anyway: {anyway_cmd}", code=2)
     check_resume(checkpoint, path, model_type, model_args)
     if checkpoint['iter_num'] >= max_iters and not eval_only:
-        longer = ' '.join(['python train.py'] + [a for a in cli_args if not a.startswith('--max_iters=')]
-                          + [f"--max_iters={2 * checkpoint['iter_num']}"])
+        longer = command_line('train.py', cli_args, ['max_iters'], [f"--max_iters={2 * checkpoint['iter_num']}"])
         raise RunComplete(f"{os.path.dirname(path) or '.'}: the run is complete ({checkpoint['iter_num']} of "
                           f"max_iters={max_iters} iterations); to train it longer, resume with a larger max_iters: "
                           f"{longer}")
@@ -490,12 +677,38 @@ def replica_checksums(model, world_size):
     return checksums
 
 
-def trim_metrics(path, iter_num, evaluated_at):
+def trim_metrics(path, iter_num, evaluated_at, warn=print):
     """On resume, drop what the interrupted run logged after its checkpoint: it is about to be redone.
-    Training records carry the iteration that ran; evaluations the iteration before which they ran."""
-    records = read_jsonl(path)
-    kept = [r for r in records if r['iter'] < iter_num or (r['iter'] == evaluated_at == iter_num and 'val/loss' in r)]
+    Training records carry the iteration that ran; evaluations the iteration before which they ran.
+    Lines that are not records (an edited file: {}, null) are left out with a warning."""
+    records = read_jsonl(path, warn)
+    good = [r for r in records if isinstance(r, dict) and type(r.get('iter')) is int]
+    if len(good) < len(records):
+        warn(f"warning: {path}: left out {len(records) - len(good)} line(s) that are not training records "
+             f"(records are objects with an 'iter')")
+    kept = [r for r in good if r['iter'] < iter_num or (r['iter'] == evaluated_at == iter_num and 'val/loss' in r)]
     save_json_lines(kept, path)
+
+
+def append_json_line(record, path):
+    """Append one JSON line to path (metrics.jsonl). A write that fails (a full disk) is undone, so the file
+    never ends in a torn line, and becomes one RuntimeSetupError line; the lines before it are kept."""
+    data = (json.dumps(record) + '\n').encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o644)
+    except OSError as e:
+        raise RuntimeSetupError(f"cannot append to {path}: {e.strerror or e}") from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            os.ftruncate(fd, size)
+            reason = 'no space left on device' if e.errno == errno.ENOSPC else e.strerror or str(e)
+            raise RuntimeSetupError(f"{reason} while appending to {path}; its earlier lines are intact") from None
+    finally:
+        os.close(fd)
 
 
 def save_json_lines(records, path):

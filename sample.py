@@ -11,8 +11,9 @@ import time
 
 import torch
 
-from configurator import ConfigError, configure
-from runtime import CheckpointError, RuntimeSetupError, autocast, load_model, pick_device, pick_dtype, setup_device
+from configurator import SEED_RULE, ConfigError, configure
+from runtime import (CheckpointError, RuntimeSetupError, autocast, load_model, one_line_on_out_of_memory, pick_device,
+                     pick_dtype, setup_device)
 from tokenizer import TokenizerError, get_codec
 
 # -----------------------------------------------------------------------------
@@ -31,7 +32,8 @@ dtype = 'auto'  # 'auto' = bfloat16 on GPUs, float32 on CPUs (one token at a tim
 RULES = {'checkpoint': ('len(x) > 0', 'a file name in out_dir'), 'num_samples': 'x >= 1', 'max_new_tokens': 'x >= 1',
          'temperature': ('x > 0', '> 0 (lower is more conservative)'),
          'top_k': ('x is None or type(x) is int and x >= 1', 'None (all tokens) or an int >= 1'),
-         'mask': "x in ('deterministic', 'stochastic')", 'dtype': "x in ('auto', 'float32', 'bfloat16', 'float16')"}
+         'mask': "x in ('deterministic', 'stochastic')", 'dtype': "x in ('auto', 'float32', 'bfloat16', 'float16')",
+         'seed': SEED_RULE}
 DOCUMENT_BREAK = '\n\n[new document]\n'  # how an <|endoftext|> in the output is shown
 
 
@@ -47,6 +49,7 @@ try:
     device = pick_device(device)
 except (ConfigError, RuntimeSetupError) as e:
     fail(str(e), code=2)
+one_line_on_out_of_memory('sample.py', "lower num_samples or max_new_tokens, or sample on another device")
 
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 setup_device(device_type)
@@ -86,15 +89,20 @@ torch.manual_seed(seed)
 if device_type == 'cuda':
     torch.cuda.manual_seed(seed)
 t0 = time.time()
-with torch.no_grad(), ctx:
-    for k in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
-        text = decode(y[0].tolist() if echo else y[0, x.size(1):].tolist())
-        print(f"==== sample {k + 1}/{num_samples} ====")
-        print(text.replace('<|endoftext|>', DOCUMENT_BREAK).strip('\n'))
-        print()
-if device_type == 'cuda':
-    torch.cuda.synchronize()
-dt = time.time() - t0
-print(f"{num_samples * max_new_tokens} tokens in {dt:.2f} s ({num_samples * max_new_tokens / dt:,.1f} tokens/s, "
-      f"{ckpt['model_type']} model, iter {ckpt['iter_num']}, {device}, {dtype})")
+try:
+    with torch.no_grad(), ctx:
+        for k in range(num_samples):
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
+            text = decode(y[0].tolist() if echo else y[0, x.size(1):].tolist())
+            print(f"==== sample {k + 1}/{num_samples} ====")
+            print(text.replace('<|endoftext|>', DOCUMENT_BREAK).strip('\n'))
+            print()
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    print(f"{num_samples * max_new_tokens} tokens in {dt:.2f} s ({num_samples * max_new_tokens / dt:,.1f} tokens/s, "
+          f"{ckpt['model_type']} model, iter {ckpt['iter_num']}, {device}, {dtype})")
+    sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+except BrokenPipeError:  # the reader stopped reading (sample.py ... | head -n1): stop quietly, as cat would
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own last flush then goes nowhere
+    sys.exit(141)  # 128 + SIGPIPE, the code of a tool stopped by a closed pipe

@@ -60,9 +60,44 @@ def bad_data(data_dir, tmp_path_factory):
     meta = json.load(open(os.path.join(src, 'meta.json')))
     json.dump({k: v for k, v in meta.items() if k != 'vocab_size'}, open(root / 'meta_no_vocab' / 'meta.json', 'w'))
     json.dump(dict(meta, vocab_size=1000), open(root / 'big_ids' / 'meta.json', 'w'))
+    for name in ('odd_bytes', 'cut_text', 'vocab_1e9', 'train_dir'):
+        shutil.copytree(src, root / name)
+    with open(root / 'odd_bytes' / 'val.bin', 'ab') as f:
+        f.write(b'\0')
+    json.dump(dict(meta, tokenizer_cut='2047'), open(root / 'cut_text' / 'meta.json', 'w'))
+    json.dump(dict(meta, vocab_size=1e9), open(root / 'vocab_1e9' / 'meta.json', 'w'))
+    os.remove(root / 'train_dir' / 'train.bin')
+    os.mkdir(root / 'train_dir' / 'train.bin')  # there but unreadable as a file (root reads any mode-000 file)
     return str(root)
 
 
+@pytest.fixture(scope='module')
+def bad_runs(tiny_run, tmp_path_factory):
+    """run folders a resume must refuse: a best.pt copied as ckpt.pt, a ckpt.pt without model_args, a malicious
+    pickle, a run stopped before its first checkpoint, a directory named metrics.jsonl."""
+    import torch
+    root = tmp_path_factory.mktemp('bad_runs')
+    for name in ('copied_best', 'no_args', 'evil', 'no_ckpt', 'no_ckpt2', 'metrics_dir'):
+        shutil.copytree(tiny_run, root / name)
+    shutil.copy(root / 'copied_best' / 'best.pt', root / 'copied_best' / 'ckpt.pt')
+    ckpt = torch.load(root / 'no_args' / 'ckpt.pt', weights_only=True)
+    del ckpt['model_args']
+    torch.save(ckpt, root / 'no_args' / 'ckpt.pt')
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ('echo pwned',))
+    torch.save({'model': Evil()}, root / 'evil' / 'ckpt.pt')
+    for f in ('ckpt.pt', 'best.pt'):
+        os.remove(root / 'no_ckpt' / f)
+        os.remove(root / 'no_ckpt2' / f)  # another folder: a row's run keeps its folder's lock in this process
+    os.remove(root / 'metrics_dir' / 'metrics.jsonl')
+    os.mkdir(root / 'metrics_dir' / 'metrics.jsonl')
+    return str(root)
+
+
+RESUME = ('--data_dir={data} --dataset=wiki_sample --n_layer=1 --n_embd=16 --n_head=1 --block_size=16 --batch_size=2 '
+          '--warmup_iters=1 --compile=False --init_from=resume --out_dir={runs}/')
 # (script, arguments, expected exit code, fragment of the one-line message); {data}, {bad}, {run}, {tmp}
 # are filled in with the sample data folder, the broken data folders, a trained run and a fresh folder
 ROWS = [
@@ -95,17 +130,41 @@ ROWS = [
     ('train.py', '--penalty_coeff=1e999', 2, 'penalty_coeff must be a finite number, got inf'),
     ('train.py', '--compile', 2, "malformed argument '--compile'"),
     ('train.py', 'config/no_such_file.py', 2, 'config file not found'),
+    ('train.py', '{tmp}/latin1.py', 2, 'latin1.py is not UTF-8 text'),
+    ('train.py', '{tmp}/interrupt.py', 2, 'interrupt.py failed to run: KeyboardInterrupt'),
+    ('train.py', '{tmp}/exits.py', 2, 'exits.py called exit (0) while it was read'),
     ('train.py', '--device=cuda', 2, "device 'cuda' is not available here; available: auto, cpu"),
     ('train.py', '--device=bogus', 2, "device 'bogus' is not available here"),
+    ('train.py', '--seed=-1', 2, 'seed must be an integer in [0, 2**63)'),
+    ('train.py', '--seed=18446744073709551616', 2, 'seed must be an integer in [0, 2**63)'),
+    ('train.py', '--warmup_iters=30000', 2, 'warmup_iters (30000) is above max_iters (26000)'),
+    ('train.py', '--min_lr=1e-2', 2, 'min_lr (0.01) is above learning_rate (0.0009)'),
+    ('train.py', '--data_dir={data} --dataset=wiki_sample --batch_size=4000', 2, 'needs at least about'),
+    ('train.py', '--data_dir={data} --dataset=wiki_sample --n_embd=199998', 2, 'needs at least about'),
+    ('train.py', '--data_dir={data} --dataset=wiki_sample --eval_windows=all --batch_size=4000', 2, 'needs at least about'),
+    ('sample.py', '--out_dir={run} --seed=-3', 2, 'seed must be an integer in [0, 2**63)'),
+    ('bench.py', '--batch_size=100000 --generate=False', 1, 'needs at least about'),
     # train.py: data problems
-    ('train.py', '--data_dir={tmp} --dataset=wikipedia', 1, "--source=sample --data_dir={tmp}'"),
-    ('train.py', '--data_dir={tmp} --dataset=wiki_sample', 1, "run 'python prepare_wiki.py --source=sample --data_dir={tmp}'"),
+    ('train.py', '--data_dir={tmp} --dataset=wikipedia', 1, "--data_dir={tmp} --dataset=wiki_sample --out_dir=out/try_"),
     ('train.py', '--data_dir={bad} --dataset=corrupt_meta', 1, 'meta.json cannot be read'),
     ('train.py', '--data_dir={bad} --dataset=meta_no_vocab', 1, "meta.json has no 'vocab_size'"),
     ('train.py', '--data_dir={bad} --dataset=big_ids', 1, "vocab_size is 1000"),
+    ('train.py', '--data_dir={bad} --dataset=odd_bytes', 1, 'has an odd number of bytes'),
+    ('train.py', '--data_dir={bad} --dataset=cut_text', 1, "tokenizer_cut must be an integer in [256, 50256]"),
+    ('train.py', '--data_dir={bad} --dataset=vocab_1e9', 1, "says vocab_size=1000000000 but its tokenizer (GPT-2's) has 50257"),
+    ('train.py', '--data_dir={bad} --dataset=train_dir', 1, 'train.bin: Is a directory'),
     ('train.py', '--data_dir={data} --dataset=wiki_sample --dropout=0.2 --out_dir={tmp}/o', 2,
      'dropout must be 0 in the learned model'),
     ('train.py', '--data_dir={data} --dataset=wiki_sample --init_from=resume --out_dir={tmp}/o', 1, 'no checkpoint at'),
+    ('train.py', RESUME + 'copied_best', 2, 'holds no optimizer state (as a best.pt'),
+    ('train.py', RESUME + 'no_args', 1, 'is not a checkpoint written by train.py (it has no model_args)'),
+    ('train.py', RESUME + 'evil', 1, 'was refused as unsafe'),
+    ('train.py', RESUME + 'no_ckpt', 2, 'stopped before its first checkpoint (no ckpt.pt)'),
+    ('train.py', RESUME.replace('--init_from=resume ', '') + 'no_ckpt2', 2, 'start it over with --overwrite=True'),
+    ('train.py', RESUME + 'metrics_dir', 1, 'metrics.jsonl is not a plain file'),
+    ('train.py', RESUME.replace('--out_dir={runs}/', '--out_dir={run}') + ' --seed=5', 2,
+     'was trained with seed=1337 but this run has seed=5'),
+    ('sample.py', '--out_dir={runs}/evil', 1, 'was refused as unsafe'),
     # sample.py
     ('sample.py', '--out_dir={run} --temperature=-1', 2, 'temperature must be > 0'),
     ('sample.py', '--out_dir={run} --temperature=0', 2, 'temperature must be > 0'),
@@ -144,9 +203,12 @@ ROWS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize('script,args,code,message', ROWS, ids=[f'{r[0]} {r[1]}' for r in ROWS])
-def test_bad_input_one_line(capsys, tmp_path, data_dir, bad_data, tiny_run, script, args, code, message):
+def test_bad_input_one_line(capsys, tmp_path, data_dir, bad_data, tiny_run, bad_runs, script, args, code, message):
     (tmp_path / 'binary.bin').write_bytes(bytes(range(128, 256)) * 4)
-    fill = dict(data=data_dir, bad=bad_data, run=tiny_run, tmp=tmp_path)
+    (tmp_path / 'latin1.py').write_bytes('n_layer = 2  # caf\xe9\n'.encode('latin-1'))
+    (tmp_path / 'interrupt.py').write_text('raise KeyboardInterrupt\n')
+    (tmp_path / 'exits.py').write_text('import sys\nsys.exit(0)\n')
+    fill = dict(data=data_dir, bad=bad_data, run=tiny_run, tmp=tmp_path, runs=bad_runs)
     got, out, err = run(capsys, script, *args.format(**fill).split())
     assert got == code, (out, err)
     assert 'Traceback' not in err

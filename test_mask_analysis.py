@@ -114,7 +114,7 @@ def test_command_line_on_a_run(data_dir, tmp_path):
     baseline = tmp_path / 'base'
     subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--model_type=baseline', '--dataset=wiki_sample',
                     f'--data_dir={data_dir}', f'--out_dir={baseline}', '--n_layer=1', '--n_embd=16', '--n_head=1',
-                    '--block_size=16', '--batch_size=2', '--gradient_accumulation_steps=1', '--max_iters=1',
+                    '--block_size=16', '--batch_size=2', '--gradient_accumulation_steps=1', '--max_iters=1', '--warmup_iters=1',
                     '--eval_interval=1', '--eval_iters=1', '--compile=False'], check=True, capture_output=True)
     r = subprocess.run([sys.executable, os.path.join(HERE, 'mask_analysis.py'), f'--out_dir={baseline}'],
                        capture_output=True, text=True, timeout=120)

@@ -238,7 +238,7 @@ def test_a_new_model_setting_is_one_edit(data_dir, tmp_path):
     h = subprocess.run([sys.executable, str(repo / 'train.py'), '--help'], capture_output=True, text=True, timeout=120)
     assert h.returncode == 0 and re.search(r'--my_setting\s+= 3\s+learned: a setting added in one edit', h.stdout)
     cmd = [sys.executable, str(repo / 'train.py'), *TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path / "run"}',
-           '--max_iters=1', '--eval_interval=1', '--my_setting=5']
+           '--max_iters=1', '--eval_interval=1', '--warmup_iters=1', '--my_setting=5']
     ok(subprocess.run(cmd, capture_output=True, text=True, timeout=240))
     assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['model_args']['my_setting'] == 5
 
@@ -259,10 +259,12 @@ def test_eval_on_every_window_is_deterministic_and_exact(data_dir, tmp_path):
     run = tmp_path / 'run'
     args = ['--dataset=tiny', '--eval_windows=all', '--dtype=float32', '--max_iters=4', '--eval_interval=2']
     ok(train(tmp_path / 'data', run, *args))
-    ok(train(tmp_path / 'data', run, *args, '--init_from=resume', '--eval_only=True'))
+    record = {f: (run / f).read_bytes() for f in ('metrics.jsonl', 'config.json')}
+    r = ok(train(tmp_path / 'data', run, *args, '--init_from=resume', '--eval_only=True'))
+    assert {f: (run / f).read_bytes() for f in record} == record  # an evaluation leaves the run's record alone
     evals = [x for x in records(run) if 'val/loss' in x]
-    assert [x['iter'] for x in evals] == [0, 2, 4, 4]
-    assert evals[-1]['val/loss'] == evals[-2]['val/loss'] and evals[-1]['train/loss'] == evals[-2]['train/loss']
+    assert [x['iter'] for x in evals] == [0, 2, 4]
+    assert f"train loss {evals[-1]['train/loss']:.4f}, val loss {evals[-1]['val/loss']:.4f}" in r.stdout
     model, _ = load_model(str(run / 'ckpt.pt'))
     for split, n_tokens, key in (('train', 3000, 'train/loss'), ('val', 1000, 'val/loss')):
         data = torch.from_numpy(np.fromfile(tiny / f'{split}.bin', dtype=np.uint16).astype(np.int64))
@@ -392,10 +394,23 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_missing_data_names_the_command(tmp_path):
-    line = error_line(train(tmp_path / 'nodata', tmp_path / 'out', '--max_iters=1'))
-    assert "python prepare_wiki.py --source=sample" in line
+    line = error_line(train(tmp_path / 'nodata', tmp_path / 'out', '--dataset=wikipedia'))
+    assert "python prepare_wiki.py --max_tokens=" in line and " --dataset=wiki_sample " in line
     line = error_line(train(tmp_path / 'nodata', tmp_path / 'out', '--dataset=mine'))
     assert "--name=mine" in line
+
+
+@pytest.mark.slow
+def test_embedded_sample_prepared_on_first_use(tmp_path):
+    import json
+    r = ok(train(tmp_path / 'data', tmp_path / 'out', '--dataset=wiki_sample_v512', '--max_iters=1',
+                 '--warmup_iters=1'))
+    assert 'prepare_wiki.py --source=sample --vocab_size=512' in r.stdout
+    meta = json.loads((tmp_path / 'data' / 'wiki_sample_v512' / 'meta.json').read_text())
+    assert meta['vocab_size'] == 512 and meta['tokenizer_cut'] == 511
+    r = ok(train(tmp_path / 'data', tmp_path / 'out2', '--dataset=wiki_sample_v512', '--max_iters=1',
+                 '--warmup_iters=1'))
+    assert 'preparing' not in r.stdout  # prepared once
 
 
 @pytest.mark.slow
@@ -451,7 +466,7 @@ def test_second_run_into_a_locked_folder_is_refused(data_dir, tmp_path):
     assert f'in use by another run (pid {os.getpid()})' in line
     assert not (tmp_path / 'metrics.jsonl').exists()
     lock.file.close()  # released: a run may start
-    ok(train(data_dir, tmp_path, '--max_iters=1', '--eval_interval=1'))
+    ok(train(data_dir, tmp_path, '--max_iters=1', '--eval_interval=1', '--warmup_iters=1'))
 
 
 @pytest.mark.slow

@@ -21,14 +21,13 @@ before anything is saved. With torchrun, rank 0 logs and saves; every save check
 """
 
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import time
 
-from configurator import ConfigError, configure, exit_on_signal_during_startup
+from configurator import SEED_RULE, ConfigError, configure, exit_on_signal_during_startup
 exit_on_signal_during_startup('train.py')  # before the slow imports: a signal there is one line, not a traceback
 
 import numpy as np  # noqa: E402
@@ -36,10 +35,12 @@ import torch  # noqa: E402
 from torch.distributed import destroy_process_group, init_process_group  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from runtime import (MODEL_TYPES, CheckpointError, RunComplete, RuntimeSetupError, autocast, check_data,  # noqa: E402
+from runtime import (MODEL_TYPES, CheckpointError, RunComplete, RuntimeSetupError, append_json_line,  # noqa: E402
+                     autocast, check_data, check_memory, command_line, one_line_on_out_of_memory,
                      every_window, missing_data_hint, model_module, model_settings, open_run_folder, peak_flops,
-                     pick_device, pick_dtype, read_resume_checkpoint, replica_checksums, rng_state, save_json,
+                     pick_device, pick_dtype, read_jsonl, read_resume_checkpoint, replica_checksums, rng_state, save_json,
                      save_torch, set_rng_state, setup_device, StopRequest, summarize, trim_metrics, val_halves)
+import prepare_wiki  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -54,6 +55,7 @@ eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # write ckpt.pt at every evaluation, not only when val improves
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 overwrite = False  # allow init_from='scratch' into an out_dir that already holds a run (deletes its files)
+resume_anyway = False  # resume a ckpt.pt of another run (dataset, seed or run_id differ) or a best.pt (fresh optimizer)
 # wandb logging
 wandb_log = False  # off by default; when on, offline unless WANDB_MODE says otherwise
 wandb_project = 'learned-dropout'  # wandb project name
@@ -102,7 +104,7 @@ RULES = {
     'gradient_accumulation_steps': 'x >= 1', 'max_iters': 'x >= 0', 'warmup_iters': 'x >= 0',
     'lr_decay_iters': 'x >= 0', 'learning_rate': 'x > 0', 'min_lr': 'x >= 0', 'weight_decay': 'x >= 0',
     'beta1': '0 <= x < 1', 'beta2': '0 <= x < 1', 'grad_clip': ('x >= 0', '>= 0 (0: no clipping)'),
-    'out_dir': ('len(x) > 0', 'a folder name'), 'dataset': ('len(x) > 0', 'a dataset name'),
+    'out_dir': ('len(x) > 0', 'a folder name'), 'dataset': ('len(x) > 0', 'a dataset name'), 'seed': SEED_RULE,
 }
 model_defaults, model_help = model_settings()
 try:
@@ -115,6 +117,14 @@ globals().update(config)
 if decay_lr and lr_decay_iters <= warmup_iters:
     fail(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters}), or set decay_lr=False",
          code=2)
+if decay_lr and 0 < max_iters < warmup_iters:  # the run would end before the learning rate reaches learning_rate
+    fail(f"warmup_iters ({warmup_iters}) is above max_iters ({max_iters}): the learning rate would never reach "
+         f"learning_rate; use --warmup_iters={max_iters} or less (or decay_lr=False)", code=2)
+if decay_lr and min_lr > learning_rate:  # the "decay" would raise the learning rate, training up the loss
+    fail(f"min_lr ({min_lr:g}) is above learning_rate ({learning_rate:g}): the schedule decays from learning_rate "
+         f"to min_lr; lower min_lr (the seed's is a tenth of learning_rate)", code=2)
+one_line_on_out_of_memory('train.py', "lower batch_size (raise gradient_accumulation_steps to keep the tokens per "
+                                      "step), block_size or the model's size; checkpoints already written are intact")
 GPTConfig, GPT = model_module(model_type).GPTConfig, model_module(model_type).GPT
 try:  # checked here, before anything is written; vocab_size is the data's, set below
     gptconf = GPTConfig(**{f.name: config[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size'})
@@ -169,6 +179,14 @@ ctx = autocast(dtype, device_type)
 # data: uniformly random windows of the memmapped token files
 
 data_path = os.path.join(data_dir, dataset)
+sample_args = prepare_wiki.sample_argv(dataset)
+if sample_args and master_process and not os.path.exists(os.path.join(data_path, 'meta.json')):
+    # the embedded sample is prepared on first use (offline, seconds): the quickstart is install, train, sample
+    sample_args.append(f'--data_dir={data_dir}')
+    print(f"preparing {data_path} first: python prepare_wiki.py {' '.join(sample_args)}", flush=True)
+    prepare_wiki.main(sample_args)
+if ddp:  # the other ranks read what rank 0 prepared
+    torch.distributed.barrier()
 try:
     meta = check_data(data_path, block_size, lambda: missing_data_hint(data_dir, dataset, cli_args, wandb_run_name))
     # val's documents split in two (early stopping chosen on one half, the result read on the other), in memory
@@ -181,6 +199,11 @@ vocab_size = meta['vocab_size']
 tokenizer_cut = meta.get('tokenizer_cut')
 gptconf = dataclasses.replace(gptconf, vocab_size=vocab_size)
 model_args = dataclasses.asdict(gptconf)
+try:  # before the model is built: a CPU run that cannot fit is otherwise killed by the kernel, without a word
+    check_memory(model_type, model_args, batch_size, device, "lower batch_size (raise gradient_accumulation_steps "
+                 "to keep the tokens per step), block_size or the model's size")
+except RuntimeSetupError as e:
+    fail(str(e), e.code)
 batch_gen = torch.Generator().manual_seed(seed + ddp_rank)  # training windows, saved for exact resume
 window = np.arange(block_size + 1)
 
@@ -218,9 +241,10 @@ if master_process:
 checkpoint = None
 if init_from == 'resume':
     try:
-        checkpoint = read_resume_checkpoint(ckpt_path, model_type, model_args, max_iters, eval_only, cli_args)
+        checkpoint = read_resume_checkpoint(ckpt_path, model_type, model_args, max_iters, eval_only, cli_args, config,
+                                            resume_anyway)
     except (CheckpointError, RuntimeSetupError) as e:
-        fail(str(e))
+        fail(str(e), getattr(e, 'code', 1))
     except RunComplete as e:
         if master_process:
             print(e)
@@ -228,10 +252,13 @@ if init_from == 'resume':
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 iter_num, best_val_loss, evaluated_at = 0, float('inf'), -1
+# the run's identity: a resumed run keeps its checkpoint's, so that another run's ckpt.pt is recognised
+run_id = (checkpoint or {}).get('run_id') or os.urandom(8).hex()
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    scaler.load_state_dict(checkpoint['scaler'])
+    if 'optimizer' in checkpoint:  # a best.pt has none: resume_anyway goes on with a fresh optimizer
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scaler.load_state_dict(checkpoint['scaler'])
     iter_num, best_val_loss, evaluated_at = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['evaluated_at']
     if len(checkpoint['rng']) == ddp_world_size:  # the random streams continue exactly
         set_rng_state(checkpoint['rng'][ddp_rank], batch_gen, device)
@@ -260,7 +287,8 @@ def save_checkpoint(path, with_optimizer=True):
         return
     ckpt = {'model': raw_model.state_dict(), 'model_type': model_type, 'model_args': model_args,
             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'evaluated_at': evaluated_at,
-            'config': config, 'rng': states, 'tokenizer_cut': tokenizer_cut, 'replica_checksums': checksums}
+            'config': config, 'rng': states, 'tokenizer_cut': tokenizer_cut, 'replica_checksums': checksums,
+            'run_id': run_id}
     if with_optimizer:
         ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     try:
@@ -307,26 +335,32 @@ def get_lr(it):
 # -----------------------------------------------------------------------------
 # logging: console, out_dir/metrics.jsonl, optionally wandb
 
-if master_process:
+if master_process and not eval_only:  # an evaluation only prints: the run's record stays as it was
     try:
         if init_from == 'resume' and os.path.exists(metrics_path):
             trim_metrics(metrics_path, iter_num, evaluated_at)
         save_json(dict(config, vocab_size=vocab_size, tokenizer_cut=tokenizer_cut, dtype=dtype, device=device,
-                       world_size=ddp_world_size, tokens_per_iter=tokens_per_iter, num_params=raw_model.get_num_params()),
+                       world_size=ddp_world_size, tokens_per_iter=tokens_per_iter, num_params=raw_model.get_num_params(),
+                       run_id=run_id),
                   os.path.join(out_dir, 'config.json'), 'config.json')
     except RuntimeSetupError as e:
         fail(str(e))
     if wandb is not None:
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+if master_process:
     print(f"{model_type} model, {raw_model.get_num_params():,} parameters, {dtype} on {device}"
           f"{f' x {ddp_world_size} processes' if ddp else ''}, {tokens_per_iter:,} tokens per iteration")
 
 
 def log(record):
-    if not master_process:
+    if not master_process or eval_only:
         return
-    with open(metrics_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    try:  # a full disk: the file keeps every whole line, the run stops with what to do
+        append_json_line(record, metrics_path)
+    except RuntimeSetupError as e:
+        then = (f"free some space, then resume from the last checkpoint: {resume_cmd}" if os.path.exists(ckpt_path)
+                else "free some space, then start the run again with --overwrite=True (it had no checkpoint yet)")
+        fail(f"{e}; {then}")
     if wandb is not None:
         wandb.log(record, step=record['iter'])
 
@@ -351,6 +385,7 @@ def check_finite(bad_iter):
 # training loop
 
 bad_iter = torch.tensor(-1, device=device)
+t_start = time.time()  # the end-of-run summary's time: compilation, training, evaluations, saves
 t_log, iters_since_log, first_step, avg_dt = time.time(), 0, True, None
 if compile and iter_num < max_iters and not eval_only and master_process:
     print("compiling the model: the first step takes a while", flush=True)
@@ -386,12 +421,14 @@ while True:
                 save_checkpoint(os.path.join(out_dir, 'best.pt'), with_optimizer=False)
             if always_save_checkpoint or improved:
                 save_checkpoint(ckpt_path)
+                if master_process:
+                    print(f"saved {ckpt_path}" + (" and best.pt (best val so far)" if improved else ''), flush=True)
         t_log, iters_since_log = time.time(), 0  # step times exclude evaluation and saving
     if iter_num >= max_iters or eval_only:
         break
 
     # one optimizer step over gradient_accumulation_steps micro-batches; no host sync in here
-    log_step = iter_num % log_interval == 0
+    log_step = iter_num % log_interval == 0 or iter_num == max_iters - 1  # the last step too: charts cover the run
     stat_sums = {}
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(gradient_accumulation_steps):
@@ -457,10 +494,29 @@ while True:
         check_finite(bad_iter)
         save_checkpoint(ckpt_path)
         if master_process:
-            print(f"stopped by {stop.signal or 'a signal'} after iter {iter_num - 1}; saved {ckpt_path}. "
+            # iter = iterations done, as in the evaluations' "step N", the checkpoint and sample.py
+            print(f"stopped by {stop.signal or 'a signal'} at iter {iter_num}/{max_iters}; saved {ckpt_path}. "
                   f"Resume with: {resume_cmd}")
         break
 exit_code = 128 + signal.Signals[stop.signal].value if stop.signal else 0  # stopped early: not a finished run
+
+if master_process and exit_code == 0 and not eval_only:  # how the run ended, and what to do with it
+    try:
+        evals = [r for r in read_jsonl(metrics_path) if isinstance(r, dict) and 'val/loss' in r]
+    except (OSError, RuntimeSetupError):
+        evals = []
+    took = time.time() - t_start
+    line = f"done: {iter_num} iterations, {f'{int(took // 60)} min ' if took >= 60 else ''}{took % 60:.0f} s in this process"
+    if evals:
+        best = min(evals, key=lambda r: r['val/loss'])
+        line += (f"; best val loss {best['val/loss']:.4f} at iter {best['iter']}; final train loss "
+                 f"{evals[-1]['train/loss']:.4f}, val loss {evals[-1]['val/loss']:.4f} (iter {evals[-1]['iter']})")
+    print(line)
+    print(f"checkpoints: {ckpt_path} (latest, resumable), {os.path.join(out_dir, 'best.pt')} (best val)")
+    longer = command_line('train.py', cli_args, ('max_iters', 'init_from', 'overwrite'), [f'--max_iters={2 * max_iters}',
+                                                                             '--init_from=resume'])
+    print(f"next: {command_line('sample.py', [f'--out_dir={out_dir}'])}\n      {command_line('plot.py', [out_dir])}\n"
+          f"      {longer}   (train longer)")
 
 if master_process and wandb is not None:
     wandb.finish()
