@@ -20,6 +20,7 @@ $ python mask_analysis.py --out_dir=out/learned_shift0 --checkpoint=best.pt --sp
 Prints a table and writes out_dir/mask_analysis_<checkpoint>_<split>.json (or --out).
 """
 
+import json
 import os
 import sys
 
@@ -27,14 +28,14 @@ import torch
 
 from configurator import ConfigError, configure
 from runtime import (CheckpointError, RuntimeSetupError, every_window, load_model, pick_device, save_json,
-                     setup_device)
+                     setup_device, val_halves)
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the run folder train.py wrote
 checkpoint = 'ckpt.pt'  # 'ckpt.pt', 'best.pt' or weights-only 'model.pt' in out_dir
 data_dir = ''  # where the run's dataset lives ('': the data_dir in out_dir/config.json)
 dataset = ''  # the prepared dataset ('': the run's own, from out_dir/config.json)
-split = 'val'  # 'train' or 'val'
+split = 'val'  # 'train', 'val', or a half of val's documents: 'val_select' or 'val_test' (train.py's eval_halves)
 max_windows = 0  # non-overlapping windows of the split to use, spread over it (0: all)
 batch_size = 16  # windows per forward pass
 top_tokens = 1024  # token ids kept apart for the mutual information; rarer ones are pooled
@@ -43,7 +44,7 @@ seed = 1337  # the shuffled ids and the sampled masks
 device = 'auto'  # 'auto' = cuda > mps > cpu; or e.g. 'cpu'
 out = ''  # the JSON report ('': out_dir/mask_analysis_<checkpoint>_<split>.json)
 # -----------------------------------------------------------------------------
-RULES = {'split': "x in ('train', 'val')", 'max_windows': 'x >= 0', 'batch_size': 'x >= 1', 'top_tokens': 'x >= 1',
+RULES = {'split': "x in ('train', 'val', 'val_select', 'val_test')", 'max_windows': 'x >= 0', 'batch_size': 'x >= 1', 'top_tokens': 'x >= 1',
          'draws': 'x >= 1', 'checkpoint': ('len(x) > 0', 'a file name in out_dir')}
 
 
@@ -166,11 +167,22 @@ def main(argv):
     if not hasattr(model, 'set_mask_mode'):
         fail(f"{out_dir} holds a {ckpt['model_type']} model: the analysis needs a learned model (model.py)", code=2)
     run = ckpt.get('config') or {}
-    path = os.path.join(data_dir or run.get('data_dir', 'data'), dataset or run.get('dataset', ''), f'{split}.bin')
+    folder = os.path.join(data_dir or run.get('data_dir', 'data'), dataset or run.get('dataset', ''))
+    path = os.path.join(folder, f"{split.partition('_')[0]}.bin")
     if not os.path.isfile(path):
         fail(f"no {path}: give the run's data with --data_dir and --dataset")
     T = model.config.block_size
-    windows = list(every_window(path, T, batch_size, max_windows or None))
+    data = path
+    if split.startswith('val_'):  # the same halves of val's documents as train.py's eval_halves
+        try:
+            with open(os.path.join(folder, 'meta.json')) as f:
+                eot = json.load(f).get('eot_token')
+            data = val_halves(path, eot, T)[split]
+        except (OSError, ValueError, AttributeError) as e:
+            fail(f"cannot read {folder}/meta.json ({e}): the halves need its eot_token")
+        except RuntimeSetupError as e:
+            fail(str(e))
+    windows = list(every_window(data, T, batch_size, max_windows or None))
     if not windows:
         fail(f"{path} is shorter than one window of {T + 1} tokens")
     windows = [(x.to(dev), y.to(dev)) for x, y in windows]

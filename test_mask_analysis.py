@@ -13,6 +13,7 @@ import torch
 
 import mask_analysis
 from conftest import sharpen, tiny
+from runtime import val_halves
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -111,6 +112,13 @@ def test_command_line_on_a_run(data_dir, tmp_path):
     report = json.load(open(run / 'mask_analysis_ckpt_val.json'))
     assert len(report['layers']) == 2 and report['mask_class'] == 'LearnedDropout' and report['tokens'] == 20 * 32
     assert f"{report['ce']:.4f}" in r.stdout
+    # a half of val's documents, as train.py's eval_halves deals them: every window of it
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'mask_analysis.py'), f'--out_dir={run}', '--split=val_test',
+                        '--draws=1'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    half = val_halves(os.path.join(data_dir, 'wiki_sample', 'val.bin'), 50256, 32)['val_test']
+    report = json.load(open(run / 'mask_analysis_ckpt_val_test.json'))
+    assert report['tokens'] == (len(half) - 1) // 32 * 32
     baseline = tmp_path / 'base'
     subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--model_type=baseline', '--dataset=wiki_sample',
                     f'--data_dir={data_dir}', f'--out_dir={baseline}', '--n_layer=1', '--n_embd=16', '--n_head=1',

@@ -296,7 +296,7 @@ def test_eval_halves_split_val_by_alternate_documents(data_dir, tmp_path):
     json.dump(dict(meta, train_tokens=3000, val_tokens=len(val)), open(tiny / 'meta.json', 'w'))
     run = tmp_path / 'run'
     ok(train(tmp_path / 'data', run, '--dataset=tiny', '--eval_windows=all', '--eval_halves=True', '--dtype=float32',
-             '--max_iters=2', '--eval_interval=2'))
+             '--max_iters=4', '--eval_interval=2'))
     last = [x for x in records(run) if 'val/loss' in x][-1]
     model, _ = load_model(str(run / 'ckpt.pt'))
     docs = np.split(val, np.flatnonzero(val == meta['eot_token'])[:-1] + 1)
@@ -309,6 +309,10 @@ def test_eval_halves_split_val_by_alternate_documents(data_dir, tmp_path):
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten()).item()
         assert last[f'{name}/loss'] == pytest.approx(ce, rel=1e-5), name
     assert last['val_select/loss'] != last['val_test/loss'] and 'val/loss' in last
+    # best.pt is chosen on val_select alone
+    evals = [x for x in records(run) if 'val_select/loss' in x and x['iter'] > 0]
+    best = torch.load(run / 'best.pt', weights_only=True)
+    assert best['best_val_loss'] == pytest.approx(min(x['val_select/loss'] for x in evals), rel=1e-9)
 
 
 def final_state(out_dir):

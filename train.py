@@ -252,6 +252,9 @@ if init_from == 'resume':
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 iter_num, best_val_loss, evaluated_at = 0, float('inf'), -1
+# best.pt is the evaluation with the lowest val loss; with eval_halves, the lowest val_select loss, so that
+# val_test reads the chosen model without the choice's bias (early stopping on data the result does not use)
+select_key = 'val_select/loss' if eval_halves else 'val/loss'
 # the run's identity: a resumed run keeps its checkpoint's, so that another run's ckpt.pt is recognised
 run_id = (checkpoint or {}).get('run_id') or os.urandom(8).hex()
 if checkpoint is not None:
@@ -406,8 +409,8 @@ while True:
             print(f"step {iter_num}/{max_iters}: train loss {losses['train/loss']:.4f}, "
                   f"val loss {losses['val/loss']:.4f}{halves_line}{extra}")
             log({'iter': iter_num, **losses, 'lr': lr})
-            improved = losses['val/loss'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val/loss'])
+            improved = losses[select_key] < best_val_loss
+            best_val_loss = min(best_val_loss, losses[select_key])
         else:
             improved = False
         if ddp:  # every rank takes part in the save (RNG states are gathered)
@@ -502,17 +505,17 @@ exit_code = 128 + signal.Signals[stop.signal].value if stop.signal else 0  # sto
 
 if master_process and exit_code == 0 and not eval_only:  # how the run ended, and what to do with it
     try:
-        evals = [r for r in read_jsonl(metrics_path) if isinstance(r, dict) and 'val/loss' in r]
+        evals = [r for r in read_jsonl(metrics_path) if isinstance(r, dict) and select_key in r]
     except (OSError, RuntimeSetupError):
         evals = []
-    took = time.time() - t_start
+    took, name = time.time() - t_start, select_key.split('/')[0].replace('_', ' ')
     line = f"done: {iter_num} iterations, {f'{int(took // 60)} min ' if took >= 60 else ''}{took % 60:.0f} s in this process"
     if evals:
-        best = min(evals, key=lambda r: r['val/loss'])
-        line += (f"; best val loss {best['val/loss']:.4f} at iter {best['iter']}; final train loss "
+        best = min(evals, key=lambda r: r[select_key])
+        line += (f"; best {name} loss {best[select_key]:.4f} at iter {best['iter']}; final train loss "
                  f"{evals[-1]['train/loss']:.4f}, val loss {evals[-1]['val/loss']:.4f} (iter {evals[-1]['iter']})")
     print(line)
-    print(f"checkpoints: {ckpt_path} (latest, resumable), {os.path.join(out_dir, 'best.pt')} (best val)")
+    print(f"checkpoints: {ckpt_path} (latest, resumable), {os.path.join(out_dir, 'best.pt')} (best {name})")
     longer = command_line('train.py', cli_args, ('max_iters', 'init_from', 'overwrite'), [f'--max_iters={2 * max_iters}',
                                                                              '--init_from=resume'])
     print(f"next: {command_line('sample.py', [f'--out_dir={out_dir}'])}\n      {command_line('plot.py', [out_dir])}\n"
