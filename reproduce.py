@@ -1,63 +1,56 @@
 """
-Reproduction v2: a powered study of the seed's table (METHOD.md section 6) and of the variants, in the
-seed's regime (the no-dropout baseline overfits and dropout 0.2 ends below it), on a CPU.
+Study v3: LearnedDropout against a plain GPT, dropout and the controls, on an endpoint that does not depend
+on where training stops, each row at its own learning rate, at two model sizes, on a CPU.
 
-$ python reproduce.py --calibrate=True --jobs=2   # the calibration pilot: results/study/calibration.md
-$ python reproduce.py --jobs=2 --commit=True      # the sweep on 2 cores; resumable run by run (stop it at any
-                                                  # time, run it again); every finished run is committed
-$ python reproduce.py --report_only=True          # rebuild the tables and charts from results/study/
+$ python reproduce.py --jobs=2 --commit=True   # the whole study, stage by stage; resumable run by run
+                                               # (stop it at any time, run it again); finished runs committed
+$ python reproduce.py --report_only=True       # rebuild the tables and charts from results/study/v3/
+$ python reproduce.py --executor=slurm --jobs=40 --slurm_args=slurm_partition=gpu,timeout_min=120
+                                               # the same runs as Slurm jobs (submitit), collected the same way
 On a GPU, add device=cuda to --train_args, and another --results_dir.
 
-Design. Every row trains with its own config file (config/<row>.py: penalty, shift_init, dropout, experts,
-mask variant are that row's); only the scale is overridden, here and nowhere else:
-- data: the embedded Wikipedia sample (prepare_wiki.py --source=sample), re-tokenized with GPT-2's BPE cut
-  to its first vocab_size - 1 ranks plus <|endoftext|> (tokenizer.get_gpt2_cut: no "other" bucket, ids are
-  GPT-2's); train = the first documents of its train split up to train_tokens tokens (cut after a whole
-  document), val = its whole val split. In data_dir/study_v<vocab_size>_t<train_tokens>.
-- models: a config at the seed's learned width (144: the learned rows and baseline_narrow) trains at
-  learned_shape, every other (baseline, dropout and MoE rows) at baseline_shape; narrower learned as in the
-  seed so that total parameters agree within 1% (printed at start). baseline_narrow, a plain GPT as wide
-  as the learned model (a control added after the first results), separates the masks from the narrower
-  residual stream. MoE rows keep their config's expert count and top-k, and a config's explicit
-  expert_hidden (moe_flops: a full-width 4C expert) scales with the width.
-- training: train_args and max_iters; the seed's near-constant learning-rate shape (linear warm-up, then a
-  cosine to learning_rate / 10 over max_iters * 700000 / 26000 steps, as the seed's 700k over 26k).
-- seeds: seed0, seed0 + 1, ...; one seed gives every row the same training windows in the same order and
-  every evaluation covers the same windows (eval_windows='all'), so rows are compared paired by seed.
-  Order: min_seeds seeds of the priority rows (PRIORITY, seed-major), then min_seeds_other of the others,
-  then seeds are added to any comparison whose paired 95% interval on the primary endpoint is wider than
-  +-target_ci, until it is narrower or has max_seeds (this data-dependent stopping makes the intervals
-  slightly optimistic; the fixed-seed part is not affected).
+Design, declared before any run (results/study/REPORT.md gives the reasons):
+- data: the embedded Wikipedia sample re-tokenized with GPT-2's BPE cut to its first vocab_size - 1 ranks
+  plus <|endoftext|>; train = the first documents of its train split up to train_tokens (S1) or
+  train_tokens2 (S2) tokens; val = its whole val split, its documents dealt alternately into val_select and
+  val_test (train.py's eval_halves). In data_dir/study_v<vocab>_t<tokens>.
+- sizes: S1 learned 4 x 48 / plain 4 x 52 (about 237k parameters); S2 learned 6 x 64 / plain 6 x 70
+  (about 500k). A config at the seed's learned width (144: learned rows, baseline_narrow) trains at the
+  learned shape, any other at the plain one. S2 keeps S1's train tokens per parameter and passes over the
+  train split: its steps, evaluation interval and warm-up are S1's times train_tokens2 / train_tokens.
+- training: batch 32 x 128, AdamW, linear warm-up (warmup_iters: long enough that the masks do not collapse
+  at the highest rate), then a cosine to learning_rate / 10 over the run; float32 everywhere; evaluated
+  every eval_interval steps on every window of train (capped at val's count), val, val_select and val_test.
+  One seed gives every row the same training windows: rows are compared paired by seed.
+- endpoint (each run): val_test cross-entropy at the evaluation with the lowest val_select cross-entropy
+  (early stopping chosen on data the endpoint does not use). Secondary: final val_test, final train CE,
+  whether the best evaluation lies inside the run (before its last), and the difference along training
+  (row - reference at every evaluation, paired, with its 95% band).
+- stage tune (S1, seeds tune_seed0 ...): the tuned rows at every rate of lrs; a row whose best rate is at an
+  edge of its grid gets one more rate beyond it (x0.5 or x2), once per edge. A row's rate is the one with
+  the lowest mean (over seeds) best val_select CE. Then learned_shift0 at its rate with every penalty weight
+  of penalties, chosen the same way. INHERITED rows take another row's rate. learned_random keeps each
+  channel with the rate the chosen learned runs kept in training (mean over the tuning seeds of the last
+  10% of steps). The best dropout rate (for S2) is the dropout row with the lower tuning score.
+- stage s1: rows x seeds (seed0 ...) at the chosen settings (learned_static and learned_shift0 at the
+  chosen penalty). Stage pilot: pilot_rows at S2, half length, one seed, at S1's rate x each of
+  pilot_factors; the factor with the lowest sum of best val_select CE over pilot_rows is S2's rule. Stage
+  s2: rows2 (best_dropout: the best dropout rate) x seeds2 at S2, each at its S1 rate x that factor.
+- statistics: per size, the declared comparisons (COMPARISONS), paired by seed: mean difference, 95%
+  t-interval, two-sided p (scipy.stats.t), Holm-corrected together per size (family-wise 5%).
+- masks: the best evaluation's weights of every learned run are kept (model.pt, weights only) and
+  mask_analysis.py runs on them over val_test.
+- cost: parameters, FLOPs per token, median ms per step, wall time per run.
 
-Endpoints, declared before any run (cross-entropy in nats, eval mode, on deterministic non-overlapping
-windows: the whole val split; the train split capped at val's number of windows, spread over it):
-- primary: val CE averaged over the last three evaluations;
-- secondary: best val CE (lowest evaluation); fit-matched val: for a row and its reference of the same
-  seed, tau = the higher of their two final train CEs (the worse fit, which both runs reach); each run's
-  val is interpolated linearly in train CE at the last time its train CE crossed tau (between two
-  evaluations), and the difference row - reference is reported; final train CE;
-- mask rows: keep fraction of the training masks (mean over the last 10% of logged steps) and of the eval
-  masks (last evaluation), and whether it settled: the eval keep fraction moved by less than 0.02 between
-  the evaluation at 3/4 of the run and the last;
-- MoE rows: expert load entropy (nats, training, last 10% of logged steps; ln of the expert count is uniform);
-- cost: parameters total and active per token, training FLOPs per token, measured ms per step (median).
-Statistics: for each row against baseline and against baseline_dropout0.2, paired by seed: mean difference,
-95% t-interval, number of seeds, two-sided p; the primary endpoint's comparisons are Holm-corrected
-together (family-wise 5%); secondary differences get uncorrected intervals. A second table puts every
-other row against learned_shift0 (initialisation, penalty, MoE, higher dropout, mask variants, width), the
-same statistics Holm-corrected as a family of their own; it does not decide how many seeds a row gets.
-
-Runs train in out_root/<row>_s<seed>/ (checkpoints; an interrupted run resumes from its ckpt.pt); a finished
-run's metrics.jsonl and config.json are copied to results_dir/<row>_s<seed>/ (no checkpoints in results).
-The tables go to results_dir/results.md and .csv, the charts (mean +- SD over seeds) to results_dir/*.png.
+Runs train in out_root/<stage>/<name>/ (an interrupted run resumes from its ckpt.pt); a finished run's
+metrics.jsonl and config.json (and a learned run's model.pt and mask analysis) are copied to
+results_dir/<stage>/<name>/. The tables go to results_dir/results.md and .csv, the charts to results_dir.
 """
 
 import csv
-import functools
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -71,47 +64,59 @@ from configurator import ConfigError, configure
 from runtime import model_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SEED_ROWS = ['learned_shift0', 'learned_no_penalty', 'learned_shift_pi2', 'learned_shift_pi',
-             'baseline', 'baseline_dropout0.2', 'baseline_dropout0.3', 'baseline_dropout0.4']
-ROWS = SEED_ROWS + ['moe_params', 'moe_flops', 'learned_precomputed', 'learned_soft', 'learned_fourier',
-                    'baseline_narrow']
-PRIORITY = ['baseline', 'baseline_dropout0.2', 'learned_shift0', 'learned_no_penalty', 'moe_params', 'learned_soft',
-            'baseline_narrow']
-REFS = ['baseline', 'baseline_dropout0.2']  # every row is compared with these (the declared family)
-METHOD_REF = 'learned_shift0'  # the write-up's method: the other rows against it in a second family
-SEED_RESULTS = {  # the seed's reported train / val cross-entropy and keep fraction (METHOD.md section 6)
-                'learned_shift0': (2.937, 3.384, 0.6167), 'learned_no_penalty': (2.911, 3.403, 0.9609),
-                'learned_shift_pi2': (2.967, 3.405, 0.5955), 'learned_shift_pi': (3.055, 3.457, 0.2507),
-                'baseline': (2.845, 3.475, None), 'baseline_dropout0.2': (3.1, 3.354, None),
-                'baseline_dropout0.3': (3.213, 3.425, None), 'baseline_dropout0.4': (3.319, 3.512, None)}
-LEARNED_WIDTH = 144  # the seed's learned width (config files): such a config trains at learned_shape
+INHERITED = {'moe_flops': 'baseline', 'learned_no_penalty': 'learned_shift0', 'learned_random': 'learned_shift0'}
+PENALISED = ['learned_shift0', 'learned_static']  # rows that train at the chosen penalty weight
+DROPOUT_ROWS = ['baseline_dropout0.1', 'baseline_dropout0.2']  # the best of them is S2's best_dropout
+METHOD = 'learned_shift0'  # the method: its penalty weight is tuned, learned_random keeps at its rate
+COMPARISONS = [  # (row, reference): the declared family of each size (rows absent at a size are skipped)
+    ('learned_shift0', 'baseline'),  # claim 1: learned beats no dropout
+    ('learned_shift0', 'baseline_dropout0.2'), ('learned_shift0', 'baseline_dropout0.1'),  # claim 2: vs dropout
+    ('learned_shift0', 'best_dropout'),
+    ('learned_shift0', 'moe_flops'),  # claim 3: a contender to MoE at matched active FLOPs
+    ('learned_no_penalty', 'learned_shift0'),  # claim 5: the penalty matters
+    ('learned_static', 'learned_shift0'),  # is the input needed?
+    ('learned_random', 'learned_shift0'),  # is learning the mask needed?
+    ('learned_shift0', 'baseline_narrow'),  # the masks at equal width
+    ('baseline_dropout0.2', 'baseline'), ('baseline_dropout0.1', 'baseline'), ('best_dropout', 'baseline'),
+]
+CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, 'config')) if f.endswith('.py'))
+LEARNED_WIDTH = 144  # the seed's learned width (config files): such a config trains at the learned shape
 # -----------------------------------------------------------------------------
-rows = ','.join(ROWS)  # which rows to run (config/<row>.py each)
-seed0 = 1337  # seeds are seed0, seed0 + 1, ...
-min_seeds = 5  # seeds of every priority row (run first, seed-major)
-min_seeds_other = 5  # seeds of every other row (3 can meet target_ci; 5 also tightens the rows against learned_shift0)
-max_seeds = 8  # seeds are added to a comparison until its interval is within +-target_ci or it has this many
-target_ci = 0.04  # half-width (nats) of the paired 95% interval of the primary endpoint to reach
-max_iters = 2000  # optimizer steps per run
-train_tokens = 150000  # size of the training subset, in tokens of the cut tokenizer (cut after a whole document)
+stages = 'tune,s1,pilot,s2'  # the stages to run, in this order (each waits for what it needs)
+tuned = 'baseline,baseline_dropout0.1,baseline_dropout0.2,learned_shift0,learned_static,baseline_narrow'  # rows whose rate is tuned
+rows = tuned + ',learned_no_penalty,learned_random,moe_flops'  # S1's rows (untuned ones inherit a rate: INHERITED)
+rows2 = 'baseline,best_dropout,learned_shift0,baseline_narrow,learned_static'  # S2's rows
+pilot_rows = 'baseline,learned_shift0'  # the S2 pilot's rows
+seed0 = 1337  # main runs' seeds: seed0, seed0 + 1, ...
+seeds = 5  # seeds per row at S1
+seeds2 = 3  # seeds per row at S2 (the first thing cut when the budget is short)
+tune_seed0 = 2001  # tuning seeds: tune_seed0, tune_seed0 + 1, ... (none shared with the main runs)
+tune_seeds = 2  # seeds per tuning cell
+lrs = '1e-3,2e-3,4e-3'  # the learning-rate grid of the tuned rows
+penalties = '0,0.03,0.1,0.3'  # the penalty-weight grid of learned_shift0
+pilot_factors = '0.5,1,2'  # S2's rate = S1's rate x the best of these (pilot)
+pilot_seed = 3001  # the pilot's one seed
+max_iters = 2400  # S1's optimizer steps per run
+eval_interval = 120  # S1's steps between evaluations
+warmup_iters = 500  # S1's warm-up steps
+train_tokens = 150000  # S1's training subset, in tokens of the cut tokenizer (cut after a whole document)
+train_tokens2 = 316000  # S2's (the same tokens per parameter as S1)
 val_tokens = 0  # 0: the whole val split; > 0: its first documents up to this many tokens (tests)
 vocab_size = 2048  # GPT-2's first vocab_size - 1 ranks + <|endoftext|>
-learning_rate = 2e-3  # shared by every row (calibrated); min_lr is a tenth of it
-learned_shape = 'n_layer=4,n_embd=48,n_head=3'  # 144-wide configs (learned rows, baseline_narrow): 3 heads of 16 (seed: 9)
-baseline_shape = 'n_layer=4,n_embd=52,n_head=4'  # the other configs (baseline, MoE rows): 4 heads of 13 (seed: 12)
-train_args = ('block_size=128,batch_size=32,gradient_accumulation_steps=1,warmup_iters=300,'  # other train.py settings
-              'eval_interval=200,eval_windows=all,log_interval=20,compile=True,dtype=auto')
+learned_shape = 'n_layer=4,n_embd=48,n_head=3'  # S1, 144-wide configs (learned rows, baseline_narrow)
+baseline_shape = 'n_layer=4,n_embd=52,n_head=4'  # S1, the other configs
+learned_shape2 = 'n_layer=6,n_embd=64,n_head=4'  # S2, 144-wide configs
+baseline_shape2 = 'n_layer=6,n_embd=70,n_head=5'  # S2, the other configs
+train_args = ('block_size=128,batch_size=32,gradient_accumulation_steps=1,eval_windows=all,eval_halves=True,'
+              'log_interval=20,compile=True,dtype=float32')  # every run's other train.py settings
 data_dir = 'data'  # wiki_sample is prepared here if missing; the study's data goes to data_dir/study_v*_t*
-out_root = 'out/study'  # run folders (checkpoints)
-results_dir = 'results/study'  # finished runs' metrics and config, the tables and the charts (commit these)
-jobs = 1  # runs trained at once, each with cpu_count // jobs threads (BENCHMARK.md: what two jobs gain on 2 cores)
+out_root = 'out/study_v3'  # run folders (checkpoints)
+results_dir = 'results/study/v3'  # finished runs' records, the tables and the charts (commit these)
+jobs = 1  # runs at once: local processes with cpu_count // jobs threads each, or scheduler jobs in flight
+executor = 'local'  # 'local' (child processes), 'slurm' or 'submitit_local' (submitit; the local one tests it)
+slurm_args = ''  # submitit parameters for executor='slurm', e.g. slurm_partition=cpu,timeout_min=120,cpus_per_task=2
 commit = False  # git-commit results_dir after every finished run (a sweep spread over days loses nothing)
 report_only = False  # skip training, rebuild the tables and charts
-calibrate = False  # run the calibration pilot instead of the sweep: results_dir/calibration.md
-calib_tokens = '100000,150000,200000'  # pilot: train subset sizes, baseline and baseline_dropout0.2 at max_iters
-calib_lrs = '1e-3,2e-3,4e-3'  # pilot: learning rates, baseline and learned_shift0 on calib_lr_tokens
-calib_lr_tokens = 400000  # pilot: train subset of the learning-rate runs
-calib_iters = 400  # pilot: steps of the learning-rate runs
 # -----------------------------------------------------------------------------
 
 
@@ -132,6 +137,10 @@ def parse_kv(text):
     return out
 
 
+def floats(text):
+    return [float(x) for x in text.split(',')]
+
+
 def row_config(row):
     """The settings a config file makes (executed as configurator does)."""
     import types
@@ -141,10 +150,22 @@ def row_config(row):
     return {k: v for k, v in scope.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
 
 
+def size(name):
+    """The shapes and schedule of size S1 or S2 (S2: S1's steps, evaluation interval and warm-up times
+    train_tokens2 / train_tokens, so that both see their data the same number of times)."""
+    if name == 'S1':
+        return dict(learned=learned_shape, baseline=baseline_shape, tokens=train_tokens, max_iters=max_iters,
+                    eval_interval=eval_interval, warmup_iters=warmup_iters)
+    k = train_tokens2 / train_tokens
+    ei = max(1, round(eval_interval * k))
+    return dict(learned=learned_shape2, baseline=baseline_shape2, tokens=train_tokens2,
+                max_iters=ei * (max_iters // eval_interval), eval_interval=ei, warmup_iters=round(warmup_iters * k))
+
+
 # ----------------------------------------------------------------------------- data
 
-def dataset_name(tokens=None):
-    return f'study_v{vocab_size}_t{tokens or train_tokens}' + (f'_val{val_tokens}' if val_tokens else '')
+def dataset_name(tokens):
+    return f'study_v{vocab_size}_t{tokens}' + (f'_val{val_tokens}' if val_tokens else '')
 
 
 def first_documents(ids, eot, limit):
@@ -155,13 +176,12 @@ def first_documents(ids, eot, limit):
     return ids[:ends[-1] + 1]
 
 
-def prepare_data(tokens=None):
+def prepare_data(tokens):
     """data_dir/<dataset_name>: wiki_sample re-tokenized with GPT-2 cut to vocab_size - 1 ranks; train = its
     first documents up to `tokens` tokens, val = its whole val split (or val_tokens of it). Written to
     temporaries and renamed, meta.json (which records the recipe) last; redone only if the recipe changed."""
     from runtime import tmp_name
     from tokenizer import get_gpt2, get_gpt2_cut
-    tokens = tokens or train_tokens
     src = os.path.join(data_dir, 'wiki_sample')
     dst = os.path.join(data_dir, dataset_name(tokens))
     if not os.path.exists(os.path.join(src, 'meta.json')):
@@ -212,17 +232,19 @@ def prepare_data(tokens=None):
     return dst
 
 
-# ----------------------------------------------------------------------------- runs
+# ----------------------------------------------------------------------------- one run
 
-def run_settings(row, seed, iters=None, lr=None, tokens=None):
-    """The train.py overrides of one run (on top of config/<row>.py)."""
-    cfg = row_config(row)
-    shape = parse_kv(learned_shape if cfg['n_embd'] == LEARNED_WIDTH else baseline_shape)
+def run_settings(row, size_name, seed, lr, extra=None, length=1.0):
+    """The train.py overrides of one run (on top of config/<row>.py): its size's shape and schedule at
+    `length` times the size's steps, its seed, rate and any tuned setting (extra)."""
+    cfg, sz = row_config(row), size(size_name)
+    shape = parse_kv(sz['learned'] if cfg['n_embd'] == LEARNED_WIDTH else sz['baseline'])
     if cfg.get('expert_hidden'):  # an explicit expert width scales with the model's
         shape['expert_hidden'] = cfg['expert_hidden'] * shape['n_embd'] // cfg['n_embd']
-    iters, lr = iters or max_iters, lr or learning_rate
-    return {**shape, **parse_kv(train_args), 'dataset': dataset_name(tokens), 'seed': seed, 'max_iters': iters,
-            'learning_rate': lr, 'min_lr': lr / 10, 'lr_decay_iters': round(iters * 700000 / 26000)}
+    iters = max(1, round(sz['max_iters'] * length))
+    return {**shape, **parse_kv(train_args), 'dataset': dataset_name(sz['tokens']), 'seed': seed,
+            'max_iters': iters, 'eval_interval': sz['eval_interval'], 'warmup_iters': round(sz['warmup_iters'] * length),
+            'learning_rate': lr, 'min_lr': lr / 10, 'lr_decay_iters': iters, **(extra or {})}
 
 
 def read_records(path):
@@ -233,19 +255,25 @@ def read_records(path):
 def final_eval(folder, iters):
     """The run's evaluation at iters (its end), or None."""
     path = os.path.join(folder, 'metrics.jsonl')
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         return None
-    return next((r for r in read_records(path) if 'val/loss' in r and r['iter'] == iters), None)
+    return next((r for r in read_records(path) if isinstance(r, dict) and 'val/loss' in r and r['iter'] == iters), None)
 
 
 def mismatch(dst, settings):
     """The first setting that dst's run was trained with differently, as 'key=theirs, this study has ours',
-    or None. config.json holds what 'auto' chose (dtype, device); compiled or not, a run is the same
-    experiment."""
-    with open(os.path.join(dst, 'config.json')) as f:
-        conf = json.load(f)
+    or None. config.json holds what 'auto' chose; compiled or not, a run is the same experiment."""
+    path = os.path.join(dst, 'config.json')
+    try:
+        with open(path) as f:
+            conf = json.load(f)
+        if not isinstance(conf, dict):
+            raise ValueError('not a JSON object')
+    except (OSError, ValueError) as e:
+        fail(f"{path} is unreadable ({e}): remove {dst} to train that run again")
     for k, v in settings.items():
-        if conf.get(k) != v and v != 'auto' and k != 'compile':
+        if conf.get(k) != v and v != 'auto' and k != 'compile' and not (
+                isinstance(v, float) and isinstance(conf.get(k), float) and math.isclose(v, conf[k], rel_tol=1e-12)):
             return f"{k}={conf.get(k)!r}, this study has {k}={v!r}"
     return None
 
@@ -261,33 +289,107 @@ def finished(dst, settings):
     return True
 
 
+def die_with_parent():
+    """In a child, before exec: the kernel sends it SIGTERM when its parent dies (Linux), so that a killed
+    reproduce.py leaves no run training without it (train.py saves a checkpoint on SIGTERM)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class SubmititRun:
+    """One train.py command as a submitit job (Slurm, or submitit's local executor), polled like a child
+    process; its output goes to the same train.log."""
+
+    def __init__(self, pool, cmd, log_path, env):
+        import submitit
+        script = 'cd "$1" && shift && "$@" >>"$LOG" 2>&1; echo "$?"'  # the exit code is the job's result
+        fn = submitit.helpers.CommandFunction(['bash', '-c', script, 'bash', HERE, *cmd],
+                                              env=dict(env, LOG=os.path.abspath(log_path)), verbose=False)
+        self.job, self.returncode = pool.submit(fn), None
+
+    def poll(self):
+        if self.returncode is None and self.job.done():
+            try:
+                self.returncode = int(str(self.job.result()).strip().splitlines()[-1])
+            except Exception:  # the job itself failed (scheduler, time limit): its log says why
+                self.returncode = 1
+        return self.returncode
+
+    def send_signal(self, signum):
+        self.job.cancel(check=False)  # Slurm sends SIGTERM first: train.py saves a checkpoint
+
+    def wait(self):
+        while self.poll() is None:
+            time.sleep(1)
+
+
+scheduler = None  # the submitit executor, made once
+
+
+def launch(cmd, log_path, env):
+    global scheduler
+    if executor == 'local':
+        with open(log_path, 'a') as log:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+    if scheduler is None:
+        import submitit
+        scheduler = submitit.AutoExecutor(os.path.join(out_root, 'submitit'),
+                                          cluster='local' if executor == 'submitit_local' else 'slurm')
+        scheduler.update_parameters(**parse_kv(slurm_args)) if executor == 'slurm' else None
+    return SubmititRun(scheduler, cmd, log_path, env)
+
+
 stop_signal = None
 
 
-def start_run(name, row, settings, dst):
-    """Start training (or resuming) out_root/name in a child process; its output goes to train.log."""
-    out_dir = os.path.join(out_root, name)
+def start_run(task):
+    """Start training (or resuming) a task's run folder; its output goes to train.log."""
+    out_dir = os.path.join(out_root, task['stage'], task['name'])
     resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-    cmd = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', f'{row}.py'),
-           f'--out_dir={out_dir}', f'--data_dir={data_dir}', f'--wandb_run_name={row}',
+    cmd = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', f"{task['row']}.py"),
+           f'--out_dir={out_dir}', f'--data_dir={data_dir}', f"--wandb_run_name={task['name']}",
            '--init_from=resume' if resume else '--init_from=scratch', '--overwrite=True']
-    cmd += [f'--{k}={v}' for k, v in settings.items()]
+    cmd += [f'--{k}={v}' for k, v in task['settings'].items()]
     env = dict(os.environ)
-    if jobs > 1:  # share the cores: oversubscribed OpenMP threads spin-wait
+    if jobs > 1 and executor == 'local':  # share the cores: oversubscribed OpenMP threads spin-wait
         env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, 'train.log')
     with open(log_path, 'a') as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return dict(name=name, out_dir=out_dir, settings=settings, dst=dst, child=child, log_path=log_path,
-                resume=resume, t0=time.time())
+    return dict(task, out_dir=out_dir, child=launch(cmd, log_path, env), log_path=log_path, resume=resume,
+                t0=time.time())
+
+
+def keep_weights(out_dir, dst):
+    """dst/model.pt: the weights of out_dir's best.pt (the evaluation with the lowest val_select CE) and
+    what loading them needs, without the optimizer (about 1 MB at S1)."""
+    import torch
+    best = torch.load(os.path.join(out_dir, 'best.pt'), map_location='cpu', weights_only=True)
+    keep = {k: best[k] for k in ('model', 'model_type', 'model_args', 'config', 'iter_num', 'tokenizer_cut')
+            if k in best}
+    from runtime import tmp_name
+    path = os.path.join(dst, 'model.pt')
+    torch.save(keep, tmp_name(path))
+    os.replace(tmp_name(path), path)
+
+
+def analyse_masks(dst):
+    """mask_analysis.py on dst/model.pt over val_test; its JSON lands in dst. An error, not a warning, if
+    it fails: the study promises it for every learned run."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'mask_analysis.py'), f'--out_dir={dst}',
+                        '--checkpoint=model.pt', '--split=val_test', f'--data_dir={data_dir}'],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"mask_analysis.py failed on {dst}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
 def finish_run(run, code):
-    """After a child exits: copy a finished run's metrics and config to its dst; the error of a failed one
-    (None when it finished or was stopped by a signal)."""
+    """After a child exits: copy a finished run's records (and a learned run's weights and mask analysis)
+    to its dst; the error of a failed one (None when it finished or was stopped by a signal)."""
     name, out_dir = run['name'], run['out_dir']
     stopped = code < 0 or code in (128 + signal.SIGINT, 128 + signal.SIGTERM)  # by the forwarded signal
     if code != 0 and not (stop_signal and stopped):  # stopped, not failed
@@ -297,11 +399,16 @@ def finish_run(run, code):
     if final_eval(out_dir, run['settings']['max_iters']) is None:
         return None if stop_signal else f"{name} ended before its last step (log: {run['log_path']})"
     from runtime import tmp_name
-    os.makedirs(run['dst'], exist_ok=True)
-    for f in ('metrics.jsonl', 'config.json'):
-        shutil.copy(os.path.join(out_dir, f), tmp_name(os.path.join(run['dst'], f)))
-        os.replace(tmp_name(os.path.join(run['dst'], f)), os.path.join(run['dst'], f))
-    print(f"{name}: done in {time.time() - run['t0']:.0f} s{' (resumed)' if run['resume'] else ''}", flush=True)
+    dst = run['dst']
+    os.makedirs(dst, exist_ok=True)
+    if row_config(run['row']).get('model_type') == 'learned':
+        keep_weights(out_dir, dst)
+        analyse_masks(dst)
+    for f in ('config.json', 'metrics.jsonl'):  # metrics.jsonl last: it marks the run finished
+        shutil.copy(os.path.join(out_dir, f), tmp_name(os.path.join(dst, f)))
+        os.replace(tmp_name(os.path.join(dst, f)), os.path.join(dst, f))
+    print(f"{run['stage']}/{name}: done in {time.time() - run['t0']:.0f} s{' (resumed)' if run['resume'] else ''}",
+          flush=True)
     return None
 
 
@@ -309,7 +416,6 @@ def run_all(next_task, after_each):
     """Train the runs that next_task(names in flight) gives, `jobs` at a time, until it gives None; call
     after_each() when one has finished. SIGINT/SIGTERM stop every run (train.py saves a checkpoint) and the
     sweep; the same command resumes them. A failed run stops the others the same way."""
-    global stop_signal
     running, error = [], None
 
     def forward(signum, frame):
@@ -325,7 +431,7 @@ def run_all(next_task, after_each):
                 task = next_task({r['name'] for r in running})
                 if task is None:
                     break
-                running.append(start_run(*task))
+                running.append(start_run(task))
             changed = False
             if not running:
                 break
@@ -339,7 +445,7 @@ def run_all(next_task, after_each):
                     for other in running:
                         other['child'].send_signal(signal.SIGTERM)
                 elif not err and not stop_signal:  # finish_run copied a finished run
-                    after_each(r['name'])
+                    after_each(r)
     finally:
         for r in running:  # an error here must not leave runs training without their parent
             r['child'].send_signal(signal.SIGTERM)
@@ -372,44 +478,59 @@ def git_commit(message):
     print(f"reproduce.py: warning: could not commit {results_dir}: {(r.stderr or r.stdout).strip()}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- statistics
+# ----------------------------------------------------------------------------- endpoints and statistics
 
-def t_cdf(t, df):
-    """P(T <= t) for Student's t with df degrees of freedom (Simpson's rule on the density)."""
-    x = abs(t)
-    if math.isinf(x):
-        return 1.0 if t > 0 else 0.0
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    pdf = lambda u: c * (1 + u * u / df) ** (-(df + 1) / 2)  # noqa: E731
-    n = 2 * max(100, int(100 * x))  # even, fine enough for 1e-9 over [0, x]
-    h = x / n
-    area = pdf(0) + pdf(x) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n))
-    half = area * h / 3
-    return 0.5 + half if t >= 0 else 0.5 - half
+def endpoints(folder):
+    """The declared endpoints of one finished run (see the docstring)."""
+    path = os.path.join(folder, 'metrics.jsonl')
+    recs = [r for r in read_records(path) if isinstance(r, dict)]
+    evals = sorted({r['iter']: r for r in recs if 'val_select/loss' in r}.values(), key=lambda r: r['iter'])
+    if not evals:
+        fail(f"{path} has no val_select evaluation: not a run of this study (eval_halves=True)")
+    bad = [r['iter'] for r in evals if not all(math.isfinite(r.get(k, math.nan))
+                                              for k in ('val_select/loss', 'val_test/loss', 'train/loss'))]
+    if bad:
+        fail(f"{path}: a loss that is not a finite number at iter {bad[0]}: remove {folder} to train it again")
+    best = min(evals, key=lambda r: r['val_select/loss'])  # the first of equals
+    steps = [r for r in recs if 'loss' in r]
+    tail = steps[-max(1, len(steps) // 10):]
+    with open(os.path.join(folder, 'config.json')) as f:
+        conf = json.load(f)
+    out = {'primary': best['val_test/loss'], 'select': best['val_select/loss'], 'best_iter': best['iter'],
+           'inside': best['iter'] < evals[-1]['iter'], 'final_test': evals[-1]['val_test/loss'],
+           'final_train': evals[-1]['train/loss'], 'curve': {r['iter']: r['val_test/loss'] for r in evals},
+           'ms': statistics.median([r['ms_per_iter'] for r in steps if 'ms_per_iter' in r] or [math.nan]),
+           'keep_train': statistics.mean(r['keep'] for r in tail) if 'keep' in steps[-1] else None,
+           'keep_eval': best.get('val_test/keep'), **cost(conf)}
+    mask_path = os.path.join(folder, 'mask_analysis_model_val_test.json')
+    if os.path.exists(mask_path):
+        with open(mask_path) as f:
+            out['masks'] = json.load(f)
+    return out
 
 
-@functools.lru_cache(maxsize=None)
-def t_quantile(p, df):
-    """The t with P(T <= t) = p, by bisection (p in (0.5, 1))."""
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+def cost(conf):
+    """Parameters (total, active per token) and training FLOPs per token of the run's model."""
+    import dataclasses
+    module = model_module(conf['model_type'])
+    fields = {f.name: conf[f.name] for f in dataclasses.fields(module.GPTConfig) if f.name in conf}
+    m = module.GPT(module.GPTConfig(**fields))
+    total = m.get_num_params()
+    active = m.get_num_active_params() if hasattr(m, 'get_num_active_params') else total
+    return {'params': total, 'active': active, 'flops': m.flops_per_token()}
 
 
 def paired(diffs):
-    """Mean, SD, half-width of the 95% t-interval, n and two-sided p of paired differences; the
-    spread fields are None with fewer than 2."""
+    """Mean, SD, half-width of the 95% t-interval, n and two-sided p of paired differences; the spread
+    fields are None with fewer than 2."""
+    from scipy import stats
     n = len(diffs)
     out = {'n': n, 'mean': statistics.mean(diffs) if diffs else None, 'sd': None, 'half': None, 'p': None}
     if n >= 2:
         sd = statistics.stdev(diffs)
         se = sd / math.sqrt(n)
-        out.update(sd=sd, half=t_quantile(0.975, n - 1) * se,
-                   p=(0.0 if out['mean'] else 1.0) if se == 0 else 2 * (1 - t_cdf(abs(out['mean']) / se, n - 1)))
+        out.update(sd=sd, half=stats.t.ppf(0.975, n - 1) * se,
+                   p=(0.0 if out['mean'] else 1.0) if se == 0 else 2 * stats.t.sf(abs(out['mean']) / se, n - 1))
     return out
 
 
@@ -424,135 +545,145 @@ def holm(pvalues, alpha=0.05):
     return out
 
 
-# ----------------------------------------------------------------------------- endpoints
+# ----------------------------------------------------------------------------- the stages
 
-def endpoints(folder, iters):
-    """The declared endpoints of one finished run (see the docstring)."""
-    recs = read_records(os.path.join(folder, 'metrics.jsonl'))
-    evals = sorted({r['iter']: r for r in recs if 'val/loss' in r}.values(), key=lambda r: r['iter'])
-    steps = [r for r in recs if 'loss' in r]
-    tail = steps[-max(1, len(steps) // 10):]
-    with open(os.path.join(folder, 'config.json')) as f:
-        conf = json.load(f)
-    out = {'primary': statistics.mean(r['val/loss'] for r in evals[-3:]), 'best_val': min(r['val/loss'] for r in evals),
-           'final_val': evals[-1]['val/loss'], 'final_train': evals[-1]['train/loss'],
-           'curve': [(r['train/loss'], r['val/loss']) for r in evals],
-           'ms': statistics.median([r['ms_per_iter'] for r in steps if 'ms_per_iter' in r] or [float('nan')]),
-           'precision': f"{conf.get('dtype')}, {'compiled' if conf.get('compile') else 'eager'}",
-           'keep_train': None, 'keep_eval': None, 'keep_change': None, 'settled': None, 'load_entropy': None,
-           **cost(conf)}
-    if 'keep' in steps[-1]:
-        quarter = min(evals, key=lambda r: abs(r['iter'] - 0.75 * iters))
-        out.update(keep_train=statistics.mean(r['keep'] for r in tail), keep_eval=evals[-1]['val/keep'],
-                   keep_change=evals[-1]['val/keep'] - quarter['val/keep'])
-        out['settled'] = abs(out['keep_change']) < 0.02
-    if 'load_entropy' in steps[-1]:
-        out['load_entropy'] = statistics.mean(r['load_entropy'] for r in tail)
-    return out
+def task(stage, name, row, settings):
+    return dict(stage=stage, name=name, row=row, settings=settings, dst=os.path.join(results_dir, stage, name))
 
 
-def val_at_train(curve, tau):
-    """Val CE at the last time the train CE crossed tau, interpolated linearly in train CE between the two
-    evaluations around it; None if it never got down to tau."""
-    for (t0, v0), (t1, v1) in zip(curve[-2::-1], curve[::-1]):  # (earlier, later) pairs, latest first
-        if t1 <= tau <= t0:
-            return v1 if t0 == t1 else v1 + (v0 - v1) * (tau - t1) / (t0 - t1)
-    return None
+def result(t):
+    """A task's endpoints once it has finished, else None."""
+    return endpoints(t['dst']) if finished(t['dst'], t['settings']) else None
 
 
-def fit_matched(a, b):
-    """Val of run a minus val of run b at the same train CE: tau = the higher final train CE of the two."""
-    tau = max(a['final_train'], b['final_train'])
-    va, vb = val_at_train(a['curve'], tau), val_at_train(b['curve'], tau)
-    return None if va is None or vb is None else va - vb
+def choose(cells):
+    """cells {value: [task per seed]} -> ({value: mean best val_select CE}, the lowest value, or None while a
+    cell is unfinished)."""
+    scores = {}
+    for value, tasks in cells.items():
+        eps = [result(t) for t in tasks]
+        if all(eps):
+            scores[value] = statistics.mean(e['select'] for e in eps)
+    return scores, (min(scores, key=scores.get) if len(scores) == len(cells) else None)
 
 
-def cost(conf):
-    """Parameters (total, active per token) and training FLOPs per token of the run's model."""
-    import dataclasses
-    module = model_module(conf['model_type'])
-    fields = {f.name: conf[f.name] for f in dataclasses.fields(module.GPTConfig) if f.name in conf}
-    m = module.GPT(module.GPTConfig(**fields))
-    total = m.get_num_params()
-    active = m.get_num_active_params() if hasattr(m, 'get_num_active_params') else total
-    return {'params': total, 'active': active, 'flops': m.flops_per_token()}
+def tuning():
+    """The tuning stage as it stands: its tasks (those that can be known now), and each choice (None until
+    its cells have finished)."""
+    def cell(row, lr, extra=None, tag=''):
+        return [task('tune', f'{row}_lr{lr:g}{tag}_s{tune_seed0 + k}', row,
+                     run_settings(row, 'S1', tune_seed0 + k, lr, extra)) for k in range(tune_seeds)]
+    base, keyed = sorted(floats(lrs)), []  # (phase, seed, order, task)
+    lr, scores = {}, {}
+    for i, row in enumerate(tuned.split(',')):
+        grid = list(base)
+        while True:
+            cells = {x: cell(row, x) for x in grid}
+            scores[row], best = choose(cells)
+            if best is not None and best == grid[0] == base[0]:  # the best rate at an edge: one more beyond it
+                grid.insert(0, best / 2)
+            elif best is not None and best == grid[-1] == base[-1]:
+                grid.append(best * 2)
+            else:
+                break
+        lr[row] = best
+        keyed += [(0 if x in base else 1, k, i, t) for x in grid for k, t in enumerate(cells[x])]
+    choice = {'lr': lr, 'scores': scores, 'penalty': None, 'penalty_scores': {}, 'keep': None, 'best_dropout': None}
+    own = row_config(METHOD)['penalty_coeff']
+    if METHOD not in lr:  # not tuned: the penalised rows keep their config's weight
+        choice['penalty'] = own
+    elif lr[METHOD] is not None:
+        cells = {p: (cell(METHOD, lr[METHOD]) if p == own else
+                     cell(METHOD, lr[METHOD], {'penalty_coeff': p}, f'_pen{p:g}')) for p in floats(penalties)}
+        keyed += [(2, k, 0, t) for p, c in cells.items() if p != own for k, t in enumerate(c)]
+        choice['penalty_scores'], choice['penalty'] = choose(cells)
+        if choice['penalty'] is not None:
+            choice['keep'] = statistics.mean(result(t)['keep_train'] for t in cells[choice['penalty']])
+    rates = [r for r in DROPOUT_ROWS if r in lr]
+    if rates and all(lr[r] is not None for r in rates):
+        choice['best_dropout'] = min(rates, key=lambda r: scores[r][lr[r]])
+    choice['tasks'] = [t for *_, t in sorted(keyed, key=lambda x: x[:3])]
+    choice['complete'] = all(v is not None for v in (*lr.values(), choice['penalty'])) and (
+        choice['best_dropout'] is not None or not any(r in DROPOUT_ROWS for r in lr))
+    return choice
 
 
-# ----------------------------------------------------------------------------- the sweep
-
-def seed_of(k):
-    return seed0 + k
-
-
-def collect(row_list):
-    """{row: {seed index: endpoints}} of the finished runs in results_dir."""
-    out = {}
-    for row in row_list:
-        out[row] = {}
-        for k in range(max(max_seeds, min_seeds, min_seeds_other)):
-            settings = run_settings(row, seed_of(k))
-            dst = os.path.join(results_dir, f'{row}_s{seed_of(k)}')
-            if finished(dst, settings):
-                out[row][k] = endpoints(dst, settings['max_iters'])
-    return out
+def main_settings(row, size_name, seed, choice, factor=1.0, length=1.0):
+    """A main (or pilot) run's settings: its rate (its own or the row's it inherits, times factor), the
+    chosen penalty for the penalised rows, the learned rows' training keep rate for learned_random."""
+    extra = {'penalty_coeff': choice['penalty']} if row in PENALISED else {}
+    if row == 'learned_random':  # keep probability q = 0.5 cos(shift) + 0.5
+        extra['shift_init'] = math.acos(2 * choice['keep'] - 1)
+    return run_settings(row, size_name, seed, choice['lr'][INHERITED.get(row, row)] * factor, extra, length)
 
 
-def comparisons(row_list):
-    """(row, reference) pairs: every row against each reference, baseline_dropout0.2 against baseline once."""
-    return [(row, ref) for ref in REFS if ref in row_list for row in row_list
-            if row != ref and not (row in REFS and REFS.index(row) < REFS.index(ref))]
+def size_rows(size_name, choice):
+    """The rows of a size's main stage: S1's (without learned_no_penalty when the chosen penalty is 0,
+    which makes learned_shift0 the same run), or S2's with the best dropout rate."""
+    if size_name == 'S1':
+        return [r for r in rows.split(',') if not (r == 'learned_no_penalty' and choice['penalty'] == 0)]
+    return [choice['best_dropout'] if r == 'best_dropout' else r for r in rows2.split(',')
+            if r != 'best_dropout' or choice['best_dropout']]
 
 
-def method_comparisons(row_list):
-    """(row, METHOD_REF) pairs of the second family: every row that is neither a reference nor the method."""
-    return [(row, METHOD_REF) for row in row_list if METHOD_REF in row_list and row not in REFS + [METHOD_REF]]
+def pilot(choice):
+    """The pilot's tasks and S2's rate factor (None until they have finished)."""
+    factors = floats(pilot_factors)
+    cells = {f: [task('pilot', f'{row}_x{f:g}_s{pilot_seed}', row,
+                      main_settings(row, 'S2', pilot_seed, choice, f, 0.5)) for row in pilot_rows.split(',')]
+             for f in factors}
+    sums = {}
+    for f, tasks in cells.items():
+        eps = [result(t) for t in tasks]
+        if all(eps):
+            sums[f] = sum(e['select'] for e in eps)
+    factor = min(sums, key=sums.get) if len(sums) == len(cells) else None
+    return [t for f in factors for t in cells[f]], sums, factor
 
 
-def next_run(row_list, done, busy=()):
-    """(seed index, row) to run next, or None when nothing is left to start: the fixed plan first, then
-    the seeds that the open comparisons need (lowest seed first, then priority order); runs named in busy
-    are in flight. Seed-major: a partial sweep has every row of a group at the same number of seeds, give
-    or take one."""
-    first, rest = [r for r in PRIORITY if r in row_list], [r for r in row_list if r not in PRIORITY]
-    order = first + rest
-    free = lambda k, row: k not in done[row] and f'{row}_s{seed_of(k)}' not in busy  # noqa: E731
-    for group, n in ((first, min_seeds), (rest, min_seeds_other)):  # the priority rows' seeds first
-        for k in range(n):
-            for row in group:
-                if free(k, row):
-                    return k, row
-    need = []
-    for row, ref in comparisons(row_list):
-        both = sorted(set(done[row]) & set(done[ref]))
-        if len(both) >= max_seeds:
-            continue
-        s = paired([done[row][k]['primary'] - done[ref][k]['primary'] for k in both])
-        if s['half'] is not None and s['half'] <= target_ci:
-            continue
-        k = min(set(range(max_seeds)) - set(both))
-        need += [(k, order.index(r), r) for r in (row, ref) if free(k, r)]
-    return min(need)[::2] if need else None
+def main_tasks(stage, choice, factor=1.0):
+    size_name, n = ('S1', seeds) if stage == 's1' else ('S2', seeds2)
+    return [task(stage, f'{row}_s{seed0 + k}', row, main_settings(row, size_name, seed0 + k, choice, factor))
+            for k in range(n) for row in size_rows(size_name, choice)]
 
 
-def sweep(row_list):
+def plan():
+    """{stage: its tasks as far as they can be known now}, the tuning choices and the pilot's outcome."""
+    choice = tuning()
+    out = {'tune': choice['tasks'], 's1': [], 'pilot': [], 's2': []}
+    pilot_tasks, sums, factor = ([], {}, None)
+    if choice['complete']:
+        out['s1'] = main_tasks('s1', choice)
+        pilot_tasks, sums, factor = pilot(choice)
+        out['pilot'] = pilot_tasks
+        if factor is not None:
+            out['s2'] = main_tasks('s2', choice, factor)
+    return out, choice, (sums, factor)
+
+
+def sweep():
     t0, n = time.time(), 0
+    order = stages.split(',')
 
     def next_task(busy):
-        nxt = next_run(row_list, collect(row_list), busy)
-        if nxt is None:
-            return None
-        k, row = nxt
-        name = f'{row}_s{seed_of(k)}'
-        return name, row, run_settings(row, seed_of(k)), os.path.join(results_dir, name)
+        tasks, _, _ = plan()
+        for stage in order:
+            for t in tasks[stage]:
+                if t['name'] not in busy and not finished(t['dst'], t['settings']):
+                    return t
+        return None
 
-    def after_each(name):
+    def after_each(run):
         nonlocal n
         n += 1
         if commit:  # the tables as they stand (the charts at the end, or with --report_only)
-            runs = sum(map(len, report(row_list, quiet=True).values()))
-            git_commit(f"study: {name} finished ({runs} finished run{'s' if runs > 1 else ''})")
+            total = report(quiet=True)
+            git_commit(f"study v3: {run['stage']}/{run['name']} finished ({total} finished run{'s' * (total > 1)})")
     run_all(next_task, after_each)
-    print(f"sweep: {n} run(s) this invocation, {(time.time() - t0) / 60:.1f} min; the study is complete")
+    tasks, choice, (_, factor) = plan()
+    left = [s for s in order if not tasks[s] or any(not finished(t['dst'], t['settings']) for t in tasks[s])]
+    print(f"sweep: {n} run(s) this invocation, {(time.time() - t0) / 60:.1f} min; "
+          + (f"stage(s) {', '.join(left)} not complete" if left else "every stage asked for is complete"))
 
 
 # ----------------------------------------------------------------------------- report
@@ -577,112 +708,200 @@ def interval(s, digits=3):
             f"(n={s['n']})")
 
 
-def design_table(row_list):
-    """The seed's design next to this study's, as markdown lines."""
-    ta = parse_kv(train_args)
-    meta_path = os.path.join(results_dir, 'data.json')  # the study's data's meta.json, kept with the results
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-    n_train = meta.get('train_tokens', train_tokens)
-    sizes = model_sizes()
-    tok_step = ta['batch_size'] * ta.get('gradient_accumulation_steps', 1) * ta['block_size']
-    lr = learning_rate
-    return [
-        '| | seed (METHOD.md §6) | this study |', '|---|---|---|',
-        f"| parameters (learned / baseline) | 15,335,424 / 15,441,192 (26 layers × 144 / × 156) | "
-        f"{sizes['learned']:,} / {sizes['baseline']:,} ({learned_shape} / {baseline_shape}; "
-        f"{sizes['learned'] / sizes['baseline'] - 1:+.2%}) |",
-        f"| train tokens | 38.3M | {n_train:,} (the first {meta.get('train_docs', '?')} documents of the embedded sample's "
-        f"train split) |",
-        f"| val tokens | 4.3M, 200 random batches per split | {meta.get('val_tokens', '?'):,} (the whole val split, every "
-        f"window of {ta['block_size']}) |" if meta else "| val tokens | 4.3M | (data not prepared yet) |",
-        f"| train tokens per parameter | 2.5 | {n_train / sizes['baseline']:.2f} |",
-        f"| passes over the train split | 109 | {max_iters * tok_step / n_train:.3g} |",
-        f"| steps | 26,000 | {max_iters:,} |",
-        f"| batch (tokens per step) | 50 × 16 × 200 (160,000) | {ta['batch_size']} × "
-        f"{ta.get('gradient_accumulation_steps', 1)} × {ta['block_size']} ({tok_step:,}) |",
-        f"| learning rate | 9e-4, 300 warm-up steps, cosine to 9e-5 over 700k steps | {lr:g}, {ta['warmup_iters']} "
-        f"warm-up steps, cosine to {lr / 10:g} over {round(max_iters * 700000 / 26000):,} steps |",
-        f"| vocabulary | GPT-2, 50,257 | GPT-2 cut to its first {vocab_size - 1:,} ranks + <\\|endoftext\\|> ({vocab_size:,}) |",
-        f"| evaluation | every 500 steps | every {ta['eval_interval']} steps |",
-        f"| seeds | 1 per row | {min_seeds} (priority rows) / {min_seeds_other} (others), more up to {max_seeds} "
-        f"until a paired 95% interval is within ±{target_ci} |",
-    ]
+def comparisons(rows, best_dropout, size_name):
+    """The declared comparisons among rows, without repeats; best_dropout stands for that row at S2 (at S1
+    both dropout rates are compared on their own)."""
+    out = []
+    for row, ref in COMPARISONS:
+        if size_name == 'S1' and 'best_dropout' in (row, ref):
+            continue
+        pair = tuple(best_dropout if x == 'best_dropout' else x for x in (row, ref))
+        if all(x in rows for x in pair) and pair not in out:
+            out.append(pair)
+    return out
 
 
-def differences_table(done, pairs, csv_diffs):
-    """Markdown lines of paired differences for (row, reference) pairs, their primary p-values Holm-corrected
-    together; appends the csv records to csv_diffs."""
+def size_results(stage, choice):
+    """{row: {seed: endpoints}} of a main stage's finished runs."""
+    done = {}
+    for t in main_tasks(stage, choice, 1.0 if stage == 's1' else (plan()[2][1] or 1.0)):
+        e = result(t)
+        if e:
+            done.setdefault(t['row'], {})[t['settings']['seed']] = e
+    return done
+
+
+def differences(done, pairs):
+    """{(row, ref): statistics of the paired differences} and the Holm verdicts of the primary endpoint."""
     stats = {}
     for row, ref in pairs:
-        both = sorted(set(done[row]) & set(done[ref]))
-        a, b = [done[row][k] for k in both], [done[ref][k] for k in both]
-        fm = [fit_matched(x, y) for x, y in zip(a, b)]
-        stats[row, ref] = {'primary': paired([x['primary'] - y['primary'] for x, y in zip(a, b)]),
-                           'best_val': paired([x['best_val'] - y['best_val'] for x, y in zip(a, b)]),
-                           'fit': paired([d for d in fm if d is not None]), 'fit_missing': fm.count(None),
-                           'train': paired([x['final_train'] - y['final_train'] for x, y in zip(a, b)])}
-    tested = {key: s['primary']['p'] for key, s in stats.items() if s['primary']['p'] is not None}
-    rejected = holm(tested)
-    head = ['row', 'vs', 'Δ primary [95% CI] (n)', 'p', f'Holm (5%, m={len(tested)})', 'Δ best val [95% CI]',
-            'Δ val at equal train CE [95% CI]', 'Δ final train CE [95% CI]', 'seed Δ val']
+        both = sorted(set(done.get(row, {})) & set(done.get(ref, {})))
+        if not both:
+            continue
+        a, b = [done[row][s] for s in both], [done[ref][s] for s in both]
+        iters = sorted(set.intersection(*(set(e['curve']) for e in a + b)))
+        stats[row, ref] = {
+            'primary': paired([x['primary'] - y['primary'] for x, y in zip(a, b)]),
+            'final_test': paired([x['final_test'] - y['final_test'] for x, y in zip(a, b)]),
+            'final_train': paired([x['final_train'] - y['final_train'] for x, y in zip(a, b)]),
+            'inside': (sum(x['inside'] for x in a), sum(y['inside'] for y in b), len(both)),
+            'along': [(i, paired([x['curve'][i] - y['curve'][i] for x, y in zip(a, b)])) for i in iters]}
+    rejected = holm({k: s['primary']['p'] for k, s in stats.items() if s['primary']['p'] is not None})
+    return stats, rejected
+
+
+def mask_lines(done):
+    """Markdown lines of the mask analysis of the learned rows (mean over seeds, per layer)."""
+    head = ['row', 'layer', 'within-channel share of var(M)', 'constant channels', 'MI(mask; token) - null, bits',
+            'keep (eval)']
     md = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for (row, ref), s in stats.items():
-        seed_d = (SEED_RESULTS[row][1] - SEED_RESULTS[ref][1]) if row in SEED_RESULTS and ref in SEED_RESULTS else None
-        verdict = '-' if (row, ref) not in rejected else ('distinguishable' if rejected[row, ref] else 'not distinguishable')
-        fit = interval(s['fit']) + (f", {s['fit_missing']} seed(s) unmatched" if s['fit_missing'] else '')
-        md.append('| ' + ' | '.join([row, ref, interval(s['primary']), fmt(s['primary']['p'], 4), verdict,
-                                      interval(s['best_val']), fit, interval(s['train']), fmt(seed_d, 3, True)]) + ' |')
-        for endpoint in ('primary', 'best_val', 'fit', 'train'):
-            e = s[endpoint]
-            csv_diffs.append({'row': row, 'reference': ref, 'endpoint': endpoint, 'n': e['n'], 'mean': e['mean'],
-                              'sd': e['sd'], 'ci_low': None if e['half'] is None else e['mean'] - e['half'],
-                              'ci_high': None if e['half'] is None else e['mean'] + e['half'], 'p': e['p'],
-                              'holm_rejected': rejected.get((row, ref)) if endpoint == 'primary' else None})
-    return md
+    ce = ['| row | seeds | CE as trained | majority per channel − CE | keep rate per channel − CE | sampled − CE |',
+          '|---|---|---|---|---|---|']
+    for row, runs in done.items():
+        masks = [e['masks'] for e in runs.values() if 'masks' in e]
+        if not masks:
+            continue
+        for li in range(len(masks[0]['layers'])):
+            layer = [m['layers'][li] for m in masks]
+            md.append('| ' + ' | '.join([row, str(li), mean_sd([x['within_share'] for x in layer]),
+                                         mean_sd([x['constant_share'] for x in layer]),
+                                         mean_sd([x['mi_bits'] - x['mi_null_bits'] for x in layer], 4),
+                                         mean_sd([x['keep'] for x in layer])]) + ' |')
+        ce.append('| ' + ' | '.join([row, str(len(masks)), mean_sd([m['ce'] for m in masks]),
+                                     interval(paired([m['ce_majority'] - m['ce'] for m in masks])),
+                                     interval(paired([m['ce_mean'] - m['ce'] for m in masks])),
+                                     interval(paired([m['ce_sampled'] - m['ce'] for m in masks]))]) + ' |')
+    return md + [''] + ce
 
 
-def report(row_list, quiet=False):
-    """results.md and .csv from the finished runs; the charts too unless quiet. Returns collect()'s
-    {row: {seed index: endpoints}}."""
-    done = collect(row_list)
-    rows_done = [r for r in row_list if done[r]]
-    if not rows_done:
+def along_chart(stats, path, title):
+    """The differences along training: each comparison's mean difference in val_test CE at every
+    evaluation with its 95% band, one panel each; written atomically."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from runtime import atomic_write
+    pairs = [k for k, s in stats.items() if len(s['along']) > 1 and s['primary']['n'] >= 2]
+    if not pairs:
+        return
+    cols = min(3, len(pairs))
+    rows_n = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 2.8 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, pairs):
+        it = [i for i, _ in stats[key]['along']]
+        m = np.array([s['mean'] for _, s in stats[key]['along']])
+        h = np.array([s['half'] for _, s in stats[key]['along']])
+        ax.fill_between(it, m - h, m + h, alpha=0.25)
+        ax.plot(it, m)
+        ax.axhline(0, color='k', lw=0.6)
+        ax.set_title(f'{key[0]} − {key[1]}', fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis('off')
+    fig.suptitle(title, fontsize=9)
+    fig.supxlabel('step', fontsize=8)
+    fig.supylabel('Δ val_test CE (nats), 95% band', fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110), os.path.basename(path))
+    plt.close(fig)
+
+
+def report(quiet=False):
+    """results.md and the csv files from the finished runs (the charts too unless quiet). Returns the
+    number of finished runs."""
+    from runtime import atomic_write
+    tasks, choice, (sums, factor) = plan()
+    n_done = sum(bool(finished(t['dst'], t['settings'])) for ts in tasks.values() for t in ts)
+    if not n_done:
         fail(f"no finished runs of this design in {results_dir}; run the sweep first (python reproduce.py) "
              f"or point --results_dir at its results")
-    md = ['# Reproduction v2: results', '', '## Design', ''] + design_table(row_list)
-    # per row
-    head = ['row', 'seeds', 'params (active)', 'FLOPs/token', 'val CE, last 3 evals (primary)', 'best val CE',
-            'final train CE', 'keep (train)', 'keep (eval)', 'keep settled', 'load entropy', 'ms/step',
-            'seed train', 'seed val', 'seed keep']
-    md += ['', '## Results (mean ± SD over seeds)', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for row in rows_done:
-        runs = list(done[row].values())
-        r0 = runs[0]
-        st, sv, sk = SEED_RESULTS.get(row, (None, None, None))
-        settled = [r['settled'] for r in runs if r['settled'] is not None]
-        md.append('| ' + ' | '.join([
-            row, str(len(runs)), f"{r0['params']:,}" + (f" ({r0['active']:,})" if r0['active'] != r0['params'] else ''),
-            f"{r0['flops'] / 1e6:.2f}M", mean_sd([r['primary'] for r in runs]), mean_sd([r['best_val'] for r in runs]),
-            mean_sd([r['final_train'] for r in runs]), mean_sd([r['keep_train'] for r in runs], 4),
-            mean_sd([r['keep_eval'] for r in runs], 4), f"{sum(settled)}/{len(settled)}" if settled else '-',
-            mean_sd([r['load_entropy'] for r in runs]), f"{statistics.median(r['ms'] for r in runs):.0f}",
-            fmt(st), fmt(sv), fmt(sk, 4)]) + ' |')
-    # paired differences: the declared family (every row against the references), then the other rows
-    # against the method itself (the claims on initialisation, penalty, MoE and the controls)
-    csv_diffs = []
-    md += ['', '## Paired differences (row − reference, same seed; nats)', '',
-           'Primary comparisons are Holm-corrected together; "distinguishable" means the difference from zero '
-           'survives the correction. Secondary columns: uncorrected 95% intervals.', '']
-    md += differences_table(done, comparisons(rows_done), csv_diffs)
-    against_method = method_comparisons(rows_done)
-    if against_method:
-        md += ['', f'## Against {METHOD_REF} (row − {METHOD_REF}, same seed; nats)', '',
-               f'Every other row against the method: initialisation (shift π/2, π), the penalty, the MoE references, '
-               f'the higher dropout rates, the mask variants and the width control. A second family, Holm-corrected '
-               f'on its own; these pairs do not decide how many seeds a row gets.', '']
-        md += differences_table(done, against_method, csv_diffs)
+    sizes = {s: shape_params(s) for s in ('S1', 'S2')}
+    s1, s2 = size('S1'), size('S2')
+    md = ['# Study v3: results', '', f'Generated by `python reproduce.py` ({n_done} finished runs); the design is in '
+          f'the docstring of reproduce.py and in results/study/REPORT.md.', '', '## Sizes', '',
+          '| size | learned / plain shape | parameters (learned / plain) | train tokens | steps | eval every | warm-up |',
+          '|---|---|---|---|---|---|---|']
+    for s, sz in (('S1', s1), ('S2', s2)):
+        md.append(f"| {s} | {sz['learned']} / {sz['baseline']} | {sizes[s]['learned']:,} / {sizes[s]['baseline']:,} | "
+                  f"{sz['tokens']:,} | {sz['max_iters']:,} | {sz['eval_interval']} | {sz['warmup_iters']} |")
+    # tuning
+    grid = sorted({lr for row in tuned.split(',') for lr in choice['scores'][row]} | set(floats(lrs)))
+    md += ['', f'## Tuning (S1, seeds {tune_seed0}..{tune_seed0 + tune_seeds - 1}): mean best val_select CE', '',
+           '| row | ' + ' | '.join(f'{x:g}' for x in grid) + ' | chosen |', '|---|' + '---|' * (len(grid) + 1)]
+    for row in tuned.split(','):
+        sc = choice['scores'][row]
+        chosen = '-' if choice['lr'][row] is None else f"{choice['lr'][row]:g}"
+        md.append(f'| {row} | ' + ' | '.join(fmt(sc.get(x), 4) for x in grid) + f' | {chosen} |')
+    for row, src in INHERITED.items():
+        if row in rows.split(',') + rows2.split(','):
+            md.append(f'| {row} | ' + ' | '.join('' for _ in grid) + f" | {src}'s |")
+    ps = choice['penalty_scores']
+    pen = '-' if choice['penalty'] is None else f"{choice['penalty']:g}"
+    md += ['', '| learned_shift0 penalty weight | ' + ' | '.join(f'{p:g}' for p in floats(penalties)) + ' | chosen |',
+           '|---|' + '---|' * (len(floats(penalties)) + 1),
+           '| mean best val_select CE | ' + ' | '.join(fmt(ps.get(p), 4) for p in floats(penalties))
+           + f' | {pen} |', '',
+           f"learned_random keeps each channel with probability {fmt(choice['keep'], 4)} (the chosen learned runs' "
+           f"training keep rate); the best dropout rate: {choice['best_dropout'] or '-'}.", '',
+           '| S2 pilot: rate factor | ' + ' | '.join(pilot_factors.split(',')) + ' | chosen |',
+           '|---|' + '---|' * (len(floats(pilot_factors)) + 1),
+           f"| sum of best val_select CE ({pilot_rows.replace(',', ', ')}) | " + ' | '.join(fmt(sums.get(f), 4) for f in floats(pilot_factors))
+           + f" | {'-' if factor is None else f'{factor:g}'} |"]
+    per_run, diff_rows, along_rows = [], [], []
+    for stage, s in (('s1', 'S1'), ('s2', 'S2')):
+        if not choice['complete'] or (stage == 's2' and factor is None):
+            continue
+        done = size_results(stage, choice)
+        if not done:
+            continue
+        head = ['row', 'seeds', 'lr', 'params (active)', 'FLOPs/token', 'val_test CE at best val_select (primary)',
+                'final val_test CE', 'final train CE', 'best eval inside the run', 'best step', 'keep (train)',
+                'ms/step']
+        md += ['', f'## {s}: results (mean ± SD over seeds)', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        for row, runs in done.items():
+            es = list(runs.values())
+            lr = next(t['settings']['learning_rate'] for t in main_tasks(stage, choice, 1.0 if stage == 's1' else factor)
+                      if t['row'] == row)
+            e0 = es[0]
+            md.append('| ' + ' | '.join([
+                row, str(len(es)), f'{lr:.3g}', f"{e0['params']:,}" + (f" ({e0['active']:,})" if e0['active'] != e0['params'] else ''),
+                f"{e0['flops'] / 1e6:.2f}M", mean_sd([e['primary'] for e in es]), mean_sd([e['final_test'] for e in es]),
+                mean_sd([e['final_train'] for e in es]), f"{sum(e['inside'] for e in es)}/{len(es)}",
+                f"{statistics.mean(e['best_iter'] for e in es):.0f}", mean_sd([e['keep_train'] for e in es], 3),
+                f"{statistics.median(e['ms'] for e in es):.0f}"]) + ' |')
+            per_run += [{'size': s, 'row': row, 'seed': seed, 'lr': lr,
+                         **{k: v for k, v in e.items() if k not in ('curve', 'masks')}} for seed, e in sorted(runs.items())]
+        stats, rejected = differences(done, comparisons(list(done), choice['best_dropout'], s))
+        head = ['row', 'vs', 'Δ primary [95% CI] (n)', 'p', f'Holm (5%, m={len(rejected)})', 'Δ final val_test [95% CI]',
+                'Δ final train CE [95% CI]', 'best inside (row / ref)', 'Δ along training: sign at evals (+ / − / CI covers 0)']
+        md += ['', f'## {s}: paired differences (row − reference, same seed; nats)', '',
+               'The primary comparisons are Holm-corrected together; "distinguishable" means the difference from zero '
+               'survives the correction. Other columns: uncorrected 95% intervals.', '',
+               '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        for key, st in stats.items():
+            verdict = '-' if key not in rejected else ('distinguishable' if rejected[key] else 'not distinguishable')
+            signs = [('+' if x['mean'] - x['half'] > 0 else '−' if x['mean'] + x['half'] < 0 else '0')
+                     for _, x in st['along'] if x['half'] is not None]
+            md.append('| ' + ' | '.join([key[0], key[1], interval(st['primary']), fmt(st['primary']['p'], 4), verdict,
+                                         interval(st['final_test']), interval(st['final_train']),
+                                         f"{st['inside'][0]} / {st['inside'][1]} of {st['inside'][2]}",
+                                         f"{signs.count('+')} / {signs.count('−')} / {signs.count('0')}"]) + ' |')
+            for endpoint in ('primary', 'final_test', 'final_train'):
+                e = st[endpoint]
+                diff_rows.append({'size': s, 'row': key[0], 'reference': key[1], 'endpoint': endpoint, 'n': e['n'],
+                                  'mean': e['mean'], 'sd': e['sd'],
+                                  'ci_low': None if e['half'] is None else e['mean'] - e['half'],
+                                  'ci_high': None if e['half'] is None else e['mean'] + e['half'], 'p': e['p'],
+                                  'holm_rejected': rejected.get(key) if endpoint == 'primary' else None})
+            along_rows += [{'size': s, 'row': key[0], 'reference': key[1], 'iter': i, 'n': x['n'], 'mean': x['mean'],
+                            'ci_low': None if x['half'] is None else x['mean'] - x['half'],
+                            'ci_high': None if x['half'] is None else x['mean'] + x['half']} for i, x in st['along']]
+        md += ['', f'## {s}: how input-dependent the masks are (mask_analysis.py on each run\'s best weights, val_test)', '']
+        md += mask_lines({r: v for r, v in done.items() if row_config(r).get('model_type') == 'learned'})
+        md += ['', f'![{s}: differences along training](along_{s}.png)']
+        if not quiet:
+            along_chart(stats, os.path.join(results_dir, f'along_{s}.png'), f'{s}: row − reference along training')
     os.makedirs(results_dir, exist_ok=True)
-    from runtime import atomic_write
 
     def write_text(path, text):
         atomic_write(path, lambda tmp: open(tmp, 'w').write(text), os.path.basename(path))
@@ -695,170 +914,102 @@ def report(row_list, quiet=False):
                 w.writerows(records)
         atomic_write(path, write, os.path.basename(path))
     write_text(os.path.join(results_dir, 'results.md'), '\n'.join(md) + '\n')
-    per_run = [{'row': row, 'seed': seed_of(k), **{c: v for c, v in e.items() if c != 'curve'}}
-               for row in rows_done for k, e in sorted(done[row].items())]
-    write_csv(os.path.join(results_dir, 'results.csv'), per_run)
-    if csv_diffs:
-        write_csv(os.path.join(results_dir, 'differences.csv'), csv_diffs)
-    if quiet:
-        return done
-    print('\n'.join(md))
-    import plot
-    folders = [os.path.join(results_dir, f'{row}_s{seed_of(k)}') for row in rows_done for k in sorted(done[row])]
-    plot.main(folders + ['--bands', f'--out={results_dir}'])
-    return done
-
-
-# ----------------------------------------------------------------------------- calibration
-
-def calibration():
-    """The pilot, one seed: (1) learning rates, baseline and learned_shift0 at calib_iters steps on
-    calib_lr_tokens; (2) train subset sizes, baseline and baseline_dropout0.2 at max_iters steps (with any
-    earlier subset pilot of this learning rate found in results_dir/calibration). calibration.md is
-    rewritten after every run, so a pilot stopped half way shows what it has; run again to go on."""
-    plan = [('lr', row, calib_lr_tokens, calib_iters, float(lr)) for lr in calib_lrs.split(',')
-            for row in ('baseline', 'learned_shift0')]
-    plan += [('subset', row, int(t), max_iters, learning_rate) for t in calib_tokens.split(',')
-             for row in ('baseline', 'baseline_dropout0.2')]
-    tasks = {}
-    for part, row, tokens, iters, lr in plan:
-        prepare_data(tokens)
-        name = os.path.join('calibration', f'{row}_t{tokens}_i{iters}_lr{lr:g}')
-        tasks[name] = (part, row, tokens, lr, run_settings(row, seed0, iters=iters, lr=lr, tokens=tokens))
-
-    def next_task(busy):
-        return next(((name, t[1], t[4], os.path.join(results_dir, name)) for name, t in tasks.items()
-                     if name not in busy and not finished(os.path.join(results_dir, name), t[4])), None)
-
-    def after_each(last=None):
-        done = {}
-        for name, (part, row, tokens, lr, settings) in tasks.items():
-            dst = os.path.join(results_dir, name)
-            if finished(dst, settings):
-                done[part, row, tokens, lr, settings['max_iters']] = (
-                    endpoints(dst, settings['max_iters']), read_records(os.path.join(dst, 'metrics.jsonl')))
-        folder = os.path.join(results_dir, 'calibration')
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:  # earlier subset pilots
-            m = re.fullmatch(r'(baseline|baseline_dropout0\.2)_t(\d+)_i(\d+)_lr([\d.e-]+)', name)
-            key = m and ('subset', m[1], int(m[2]), float(m[4]), int(m[3]))
-            dst = os.path.join(folder, name)
-            if (key and key not in done and key[3] == learning_rate and (key[2], key[4]) != (calib_lr_tokens, calib_iters)
-                    and final_eval(dst, key[4])
-                    and not mismatch(dst, run_settings(key[1], seed0, iters=key[4], lr=key[3], tokens=key[2]))):
-                done[key] = (endpoints(dst, key[4]), read_records(os.path.join(dst, 'metrics.jsonl')))
-        write_calibration(done)
-        if commit and last:
-            git_commit(f"study calibration: {last} finished")
-    run_all(next_task, after_each)
-    after_each()
-
-
-def write_calibration(done):
-    ta = parse_kv(train_args)
-    tok_step = ta['batch_size'] * ta.get('gradient_accumulation_steps', 1) * ta['block_size']
-    md = ['# Calibration pilot', '', f'Seed {seed0}, one run per cell; cross-entropy on every window of the val '
-          f'split (eval mode); the learning rate is shared by every row and min_lr is a tenth of it. Runs: '
-          f"{'; '.join(sorted({e['precision'] for e, _ in done.values()})) or '-'}.", '',
-          f'## Learning rate ({calib_iters} steps on {calib_lr_tokens:,} train tokens, {ta["warmup_iters"]} warm-up '
-          f'steps)', '', '| learning rate | baseline final val | learned_shift0 final val | learned_shift0 train keep: '
-          'at the end of warm-up, lowest, at the end |', '|---|---|---|---|']
-    for lr in [float(x) for x in calib_lrs.split(',')]:
-        b, lrn = (done.get(('lr', row, calib_lr_tokens, lr, calib_iters)) for row in ('baseline', 'learned_shift0'))
-        keep = '-'
-        if lrn:
-            steps = [r for r in lrn[1] if 'keep' in r]
-            warm = min(steps, key=lambda r: abs(r['iter'] - ta['warmup_iters']))
-            keep = f"{warm['keep']:.3f}, {min(r['keep'] for r in steps):.3f}, {lrn[0]['keep_train']:.3f}"
-        md.append(f"| {lr:g} | {fmt(b and b[0]['final_val'])} | {fmt(lrn and lrn[0]['final_val'])} | {keep} |")
-    md += ['', f'## Train subset size (baseline and baseline_dropout0.2, learning rate {learning_rate:g})', '',
-           '| train tokens | steps | tokens/param | passes | baseline final val | baseline best val (step) | baseline '
-           'val change over the last quarter | dropout 0.2 final val | Δ dropout 0.2 − baseline (primary) |',
-           '|---|---|---|---|---|---|---|---|---|']
-    cells = sorted({(k[4], k[2]) for k in done if k[0] == 'subset'})
-    for iters, tokens in cells:
-        b, d = (done.get(('subset', row, tokens, learning_rate, iters)) for row in ('baseline', 'baseline_dropout0.2'))
-        if not b:
-            continue
-        meta = os.path.join(data_dir, dataset_name(tokens), 'meta.json')
-        n = json.load(open(meta))['train_tokens'] if os.path.exists(meta) else tokens
-        evals = [r for r in b[1] if 'val/loss' in r]
-        best = min(evals, key=lambda r: r['val/loss'])
-        quarter = min(evals, key=lambda r: abs(r['iter'] - 0.75 * iters))
-        md.append(f"| {n:,} | {iters:,} | {n / b[0]['params']:.2f} | {iters * tok_step / n:.3g} | "
-                  f"{b[0]['final_val']:.3f} | {b[0]['best_val']:.3f} ({best['iter']}) | "
-                  f"{evals[-1]['val/loss'] - quarter['val/loss']:+.3f} | {fmt(d and d[0]['final_val'])} | "
-                  f"{fmt(d and d[0]['primary'] - b[0]['primary'], signed=True)} |")
-    md += ['', 'The rule: the subset where the baseline\'s val is rising at the end and dropout 0.2 beats it by about '
-           '0.1 nats; one learning rate for every row, where neither model is clearly worse and the masks do not '
-           'collapse during the warm-up.', '', f'This study (reproduce.py\'s defaults): {train_tokens:,} train tokens '
-           f'(cut after a whole document), {max_iters:,} steps, learning rate {learning_rate:g}, '
-           f'{ta["warmup_iters"]} warm-up steps.']
-    os.makedirs(results_dir, exist_ok=True)
-    from runtime import atomic_write
-    path = os.path.join(results_dir, 'calibration.md')
-    atomic_write(path, lambda tmp: open(tmp, 'w').write('\n'.join(md) + '\n'), 'calibration.md')
-    print('\n'.join(md), flush=True)
+    for name, records in (('results.csv', per_run), ('differences.csv', diff_rows), ('along.csv', along_rows)):
+        if records:
+            write_csv(os.path.join(results_dir, name), records)
+    if not quiet:
+        print('\n'.join(md), flush=True)
+    return n_done
 
 
 # ----------------------------------------------------------------------------- main
 
-def model_sizes():
-    """{'learned': parameters, 'baseline': parameters} at this study's shapes."""
-    return {kind: cost(dict(row_config(row), **run_settings(row, seed0), vocab_size=vocab_size))['params']
-            for kind, row in (('learned', 'learned_shift0'), ('baseline', 'baseline'))}
+def shape_params(size_name):
+    """{'learned': parameters, 'baseline': parameters} of a size's two shapes."""
+    return {kind: cost(dict(row_config(row), **run_settings(row, size_name, seed0, 1e-3), vocab_size=vocab_size))['params']
+            for kind, row in (('learned', METHOD), ('baseline', 'baseline'))}
 
 
 def check_matching():
-    """Both shapes' parameter counts, which must agree within 1% as in the seed."""
-    counts = model_sizes()
-    gap = counts['learned'] / counts['baseline'] - 1
-    print(f"parameters: learned {counts['learned']:,} ({learned_shape}), baseline {counts['baseline']:,} "
-          f"({baseline_shape}): {gap:+.2%}")
-    if abs(gap) > 0.01:
-        fail(f"the learned and baseline shapes differ by {gap:+.2%} in parameters, more than 1%: adjust "
-             f"learned_shape / baseline_shape")
+    """At each size, the learned and plain shapes' parameter counts must agree within 1% as in the seed."""
+    for s in ('S1', 'S2'):
+        counts = shape_params(s)
+        gap = counts['learned'] / counts['baseline'] - 1
+        print(f"{s} parameters: learned {counts['learned']:,} ({size(s)['learned']}), baseline {counts['baseline']:,} "
+              f"({size(s)['baseline']}): {gap:+.2%}")
+        if abs(gap) > 0.01:
+            fail(f"at {s} the learned and plain shapes differ by {gap:+.2%} in parameters, more than 1%: adjust "
+                 f"the shapes")
 
 
 RULES = {
-    'rows': (f"len(x) > 0 and set(x.split(',')) <= set({ROWS!r})", f"a comma-separated list of {', '.join(ROWS)}"),
-    'seed0': 'x >= 0', 'min_seeds': 'x >= 1', 'min_seeds_other': 'x >= 1', 'max_seeds': 'x >= 1',
-    'target_ci': 'x > 0', 'max_iters': 'x >= 1', 'train_tokens': 'x >= 1', 'val_tokens': 'x >= 0',
+    'stages': ("len(x) > 0 and len(set(x.split(','))) == len(x.split(',')) and set(x.split(',')) <= "
+               "{'tune', 's1', 'pilot', 's2'}", "a comma-separated list of tune, s1, pilot, s2, each once"),
+    'seeds': 'x >= 1', 'seeds2': 'x >= 1', 'tune_seeds': 'x >= 1', 'seed0': 'x >= 0', 'tune_seed0': 'x >= 0',
+    'pilot_seed': 'x >= 0', 'max_iters': 'x >= 1', 'eval_interval': 'x >= 1', 'warmup_iters': 'x >= 0',
+    'train_tokens': 'x >= 1', 'train_tokens2': 'x >= 1', 'val_tokens': 'x >= 0',
     'vocab_size': ('257 <= x <= 50257', "257..50257 (the 256 byte tokens + merges + <|endoftext|>)"),
-    'learning_rate': 'x > 0',
-    'calib_tokens': ("all(s.strip().isdigit() for s in x.split(','))", "a comma-separated list of integers"),
-    'calib_lrs': ("all(s.replace('.', '', 1).replace('e-', '', 1).isdigit() for s in x.split(','))",
-                  "a comma-separated list of learning rates, e.g. 1e-3,2e-3"),
-    'calib_iters': 'x >= 1', 'calib_lr_tokens': 'x >= 1', 'jobs': 'x >= 1',
+    'lrs': ("len(set(float(v) for v in x.split(','))) == len(x.split(',')) and all(float(v) > 0 for v in x.split(','))",
+            "distinct positive learning rates, comma-separated, e.g. 1e-3,2e-3,4e-3"),
+    'penalties': ("len(set(float(v) for v in x.split(','))) == len(x.split(',')) and all(float(v) >= 0 for v in x.split(','))",
+                  "distinct penalty weights >= 0, comma-separated, e.g. 0,0.03,0.1,0.3"),
+    'pilot_factors': ("len(set(float(v) for v in x.split(','))) == len(x.split(',')) and all(float(v) > 0 for v in x.split(','))",
+                      "distinct positive factors, comma-separated, e.g. 0.5,1,2"),
+    'jobs': 'x >= 1', 'executor': "x in ('local', 'slurm', 'submitit_local')",
+    'tuned': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),
+    'rows': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),
+    'rows2': (f"set(x.split(',')) <= set({CONFIGS + ['best_dropout']!r})",
+              "a comma-separated list of config names or best_dropout"),
+    'pilot_rows': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),
 }
+
+
+def check_rows():
+    """Every row of a main stage has a rate: its own (tuned) or the one it inherits; no row twice."""
+    have = tuned.split(',')
+    for name, value in (('tuned', tuned), ('rows', rows), ('rows2', rows2), ('pilot_rows', pilot_rows)):
+        listed = value.split(',')
+        if len(set(listed)) < len(listed):
+            fail(f"{name} names a row twice: {value}")
+        for row in listed:
+            if row == 'best_dropout':
+                if not any(r in have for r in DROPOUT_ROWS):
+                    fail(f"{name} has best_dropout but tuned has no dropout row ({', '.join(DROPOUT_ROWS)})")
+            elif row not in have and INHERITED.get(row) not in have:
+                fail(f"{name} has {row}, which has no learning rate: add it to tuned"
+                     + (f" or tune {INHERITED[row]}, whose rate it takes" if row in INHERITED else ''))
+    if any(r == 'learned_random' for r in rows.split(',') + rows2.split(',')) and METHOD not in have:
+        fail(f"learned_random keeps at the rate of the tuned {METHOD}: add {METHOD} to tuned")
 
 
 def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
-            'rows', 'seed0', 'min_seeds', 'min_seeds_other', 'max_seeds', 'target_ci', 'max_iters', 'train_tokens',
-            'val_tokens', 'vocab_size', 'learning_rate', 'learned_shape', 'baseline_shape', 'train_args', 'data_dir',
-            'out_root', 'results_dir', 'jobs', 'commit', 'report_only', 'calibrate', 'calib_tokens', 'calib_lrs',
-            'calib_iters', 'calib_lr_tokens')},
+            'stages', 'tuned', 'rows', 'rows2', 'pilot_rows', 'seed0', 'seeds', 'seeds2', 'tune_seed0', 'tune_seeds', 'lrs', 'penalties', 'pilot_factors',
+            'pilot_seed', 'max_iters', 'eval_interval', 'warmup_iters', 'train_tokens', 'train_tokens2', 'val_tokens',
+            'vocab_size', 'learned_shape', 'baseline_shape', 'learned_shape2', 'baseline_shape2', 'train_args',
+            'data_dir', 'out_root', 'results_dir', 'jobs', 'executor', 'slurm_args', 'commit', 'report_only')},
             sys.argv[1:], __file__, __doc__, RULES))
     except ConfigError as e:
         fail(str(e))
-    if max_seeds < max(min_seeds, min_seeds_other):
-        fail(f"max_seeds ({max_seeds}) must be at least min_seeds ({min_seeds}) and min_seeds_other ({min_seeds_other})")
-    row_list = rows.split(',')
+    except ValueError as e:  # a list rule (lrs, penalties, pilot_factors) met something that is not a number
+        bad = str(e).rpartition(': ')[2].strip("'")
+        which = next((a.lstrip('-').partition('=')[0] for a in sys.argv[1:] if bad and bad in a), 'a list option')
+        fail(f"{which}: {bad!r} is not a number; give comma-separated numbers, e.g. --lrs=1e-3,2e-3,4e-3")
+    check_rows()
+    if os.path.exists(results_dir) and not os.path.isdir(results_dir):
+        fail(f"--results_dir={results_dir} is a file; give a folder (created if missing)")
     if report_only:
-        report(row_list)
+        report()
         return
     check_matching()
-    if calibrate:
-        calibration()
-        return
-    path = prepare_data()
+    for s in ('S1', 'S2'):
+        prepare_data(size(s)['tokens'])
     os.makedirs(results_dir, exist_ok=True)
-    shutil.copy(os.path.join(path, 'meta.json'), os.path.join(results_dir, 'data.json'))
-    sweep(row_list)
-    report(row_list)
+    sweep()
+    report()
     if commit:
-        git_commit('study: the report and its charts')
+        git_commit('study v3: the report and its charts')
 
 
 if __name__ == '__main__':

@@ -5,14 +5,13 @@ mix designs), its schedule, and the calibration pilot."""
 
 import csv
 import json
+import math
 import os
 import re
 import runpy
-import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -195,217 +194,259 @@ def test_bench_small_shapes_take_any_learned_or_baseline_config():
         bench.model_spec('moe_params', 'small')
 
 
-STUDY_TOY = ['--rows=learned_shift0,baseline', '--min_seeds=2', '--min_seeds_other=2', '--max_seeds=2', '--max_iters=4',
-             '--train_tokens=3000', '--val_tokens=1500', '--vocab_size=300',
-             '--learned_shape=n_layer=1,n_embd=16,n_head=2', '--baseline_shape=n_layer=1,n_embd=17,n_head=1',
-             '--train_args=block_size=16,batch_size=8,gradient_accumulation_steps=1,warmup_iters=1,eval_interval=1,'
-             'eval_windows=all,log_interval=1,'
-             'compile=False,dtype=float32']
+STUDY_TOY = ['--tuned=baseline,baseline_dropout0.2,learned_shift0', '--rows=baseline,learned_shift0,learned_random',
+             '--rows2=baseline,best_dropout,learned_shift0', '--pilot_rows=baseline', '--lrs=1e-3,2e-3',
+             '--penalties=0.1,0.3', '--pilot_factors=1,2', '--tune_seeds=1', '--seeds=2', '--seeds2=2', '--max_iters=4',
+             '--eval_interval=2', '--warmup_iters=1', '--train_tokens=3000', '--train_tokens2=4000', '--val_tokens=1500',
+             '--vocab_size=300', '--learned_shape=n_layer=1,n_embd=16,n_head=2',
+             '--baseline_shape=n_layer=1,n_embd=17,n_head=1', '--learned_shape2=n_layer=1,n_embd=24,n_head=2',
+             '--baseline_shape2=n_layer=1,n_embd=26,n_head=1',
+             '--train_args=block_size=16,batch_size=8,gradient_accumulation_steps=1,eval_windows=all,eval_halves=True,'
+             'log_interval=1,compile=False,dtype=float32']
+
+
+def evals_of(folder):
+    return [json.loads(x) for x in open(os.path.join(folder, 'metrics.jsonl')) if 'val_select/loss' in x]
+
+
+def select_score(folder):
+    """A run's best val_select CE and the val_test CE at that evaluation, by hand."""
+    best = min(evals_of(folder), key=lambda r: r['val_select/loss'])
+    return best['val_select/loss'], best['val_test/loss']
 
 
 @pytest.mark.slow
 def test_reproduce_smoke(data_dir, tmp_path, capsys):
-    """The whole study pipeline at toy size: data, 2 rows x 2 seeds, endpoints, paired statistics, the
-    report and its charts; a second invocation runs nothing; a run finished but not yet copied resumes."""
+    """The whole v3 pipeline at toy size: data, tuning (a grid edge extended, the penalty chosen), S1,
+    the S2 pilot and S2, the stopping-fair endpoint, the mask analysis of every learned run, paired
+    statistics and charts, a commit per finished run; a second invocation runs nothing."""
     git = lambda *a: subprocess.run(['git', '-C', str(tmp_path), *a], capture_output=True, text=True)  # noqa: E731
     git('init', '-q')
     git('config', 'user.email', 'study@example.org')
     git('config', 'user.name', 'study')
-    args = [sys.executable, os.path.join(HERE, 'reproduce.py'), *STUDY_TOY, f'--data_dir={data_dir}',
-            f'--out_root={tmp_path / "out"}', f'--results_dir={tmp_path / "res"}', '--jobs=2', '--commit=True']
-    r = subprocess.run(args, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-    assert 'parameters: learned 8,704' in r.stdout and 'baseline 8,619' in r.stdout and '+0.99%' in r.stdout
-    # two at a time, one thread each (the order is test_study_schedule's)
-    assert sorted(re.findall(r'^(\S+): done in', r.stdout, re.M)) == ['baseline_s1337', 'baseline_s1338',
-                                                                       'learned_shift0_s1337', 'learned_shift0_s1338']
-    # every finished run was committed with the report as it stood; nothing is left uncommitted
-    log = git('log', '--format=%s').stdout.splitlines()
-    assert log[0] == 'study: the report and its charts' and len(log) == 5, log
-    assert all(re.fullmatch(r'study: \S+_s133[78] finished \(\d finished runs?\)', s) for s in log[1:]), log
-    assert log[4].endswith('(1 finished run)') and log[1].endswith('(4 finished runs)')
-    assert 'res/results.md' in git('show', '--name-only', '--format=', 'HEAD~4').stdout
-    # the charts (they change with every run) come with the last commit only; nothing is left uncommitted
-    assert 'res/bands.png' in git('show', '--name-only', '--format=', 'HEAD').stdout
-    assert 'res/bands.png' not in git('show', '--name-only', '--format=', 'HEAD~1').stdout
-    assert git('status', '--porcelain', 'res').stdout == ''
-    # the data: GPT-2 cut to 299 ranks + <|endoftext|> = 299, whole documents, ids < 300
-    data = os.path.join(data_dir, 'study_v300_t3000_val1500')
-    meta = json.load(open(os.path.join(data, 'meta.json')))
-    assert meta['tokenizer_cut'] == 299 and meta['vocab_size'] == 300 and meta['eot_token'] == 299
-    train = np.fromfile(os.path.join(data, 'train.bin'), dtype=np.uint16)
-    assert 2000 < len(train) <= 3000 == meta['train_tokens'] + (3000 - len(train)) and train[-1] == 299
-    assert train.max() == 299 and not [f for f in os.listdir(data) if f.endswith('.tmp')]
-    from tokenizer import get_gpt2, get_gpt2_cut
-    first_doc = get_gpt2().decode(np.fromfile(os.path.join(data_dir, 'wiki_sample', 'train.bin'),
-                                              dtype=np.uint16)[:2000].tolist()).split('<|endoftext|>')[0]
-    assert get_gpt2_cut(299).decode(train[:list(train).index(299)].tolist()) == first_doc
-    # every run: metrics and config only (no checkpoint), evaluated on every val window
     res = tmp_path / 'res'
-    assert sorted(os.listdir(res / 'baseline_s1337')) == ['config.json', 'metrics.jsonl']
-    assert json.load(open(res / 'learned_shift0_s1338' / 'config.json'))['tokenizer_cut'] == 299
-    # the checkpoint says which tokenizer made its data, so sample.py and plot.py encode and decode its text
-    ckpt = torch.load(tmp_path / 'out' / 'learned_shift0_s1337' / 'ckpt.pt', weights_only=True)
-    assert ckpt['tokenizer_cut'] == 299
-    code, out, err = sample(capsys, f'--out_dir={tmp_path / "out" / "learned_shift0_s1337"}', '--start=The Moon',
-                            '--num_samples=1', '--max_new_tokens=8')
-    assert code == 0 and texts(out)[0].startswith('The Moon'), err
-    # the tables: per row, and the paired differences against a hand computation from the per-run csv
+    args = [sys.executable, os.path.join(HERE, 'reproduce.py'), *STUDY_TOY, f'--data_dir={data_dir}',
+            f'--out_root={tmp_path / "out"}', f'--results_dir={res}', '--jobs=2', '--commit=True']
+    r = subprocess.run(args, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert 'S1 parameters: learned 8,704' in r.stdout and 'S2 parameters: learned 15,936' in r.stdout
+    done = re.findall(r'^(\S+): done in', r.stdout, re.M)
+    assert len(done) == len(set(done)) and 'every stage asked for is complete' in r.stdout
+    # tuning: each row's rate is the one with the lowest best val_select; a best rate at the grid's edge
+    # (2e-3) got one more rate beyond it (4e-3), and no more
+    tune = res / 'tune'
+    chosen = {}
+    for row in ('baseline', 'baseline_dropout0.2', 'learned_shift0'):
+        scores = {lr: select_score(tune / f'{row}_lr{lr}_s2001')[0] for lr in ('0.001', '0.002', '0.004')
+                  if (tune / f'{row}_lr{lr}_s2001').exists()}
+        assert ('0.004' in scores) == (min(scores, key=scores.get) != '0.001' and
+                                       scores['0.002'] < scores['0.001']), scores
+        chosen[row] = float(min(scores, key=scores.get))
+    assert not list(tune.glob('*lr0.008*')) and not list(tune.glob('*lr0.0005*'))
+    pen = {0.1: select_score(tune / f"learned_shift0_lr{chosen['learned_shift0']:g}_s2001")[0],
+           0.3: select_score(tune / f"learned_shift0_lr{chosen['learned_shift0']:g}_pen0.3_s2001")[0]}
+    penalty = min(pen, key=pen.get)
     md = (res / 'results.md').read_text()
-    assert '| learned_shift0 | 2 | 8,704 |' in md and '| baseline | 2 | 8,619 |' in md
-    assert '| train tokens per parameter | 2.5 |' in md and 'GPT-2 cut to its first 299 ranks' in md
+    assert f"| mean best val_select CE | {pen[0.1]:.4f} | {pen[0.3]:.4f} | {penalty:g} |" in md
+    # S1: every run at its row's rate (learned_random at learned_shift0's) and the chosen penalty; the
+    # random control keeps at the rate the chosen learned run kept in training
+    conf = lambda stage, name: json.load(open(res / stage / name / 'config.json'))  # noqa: E731
+    assert conf('s1', 'baseline_s1338')['learning_rate'] == chosen['baseline']
+    assert conf('s1', 'learned_shift0_s1337')['penalty_coeff'] == penalty
+    steps = [json.loads(x) for x in open(tune / f"learned_shift0_lr{chosen['learned_shift0']:g}"
+                                         f"{'' if penalty == 0.1 else '_pen0.3'}_s2001" / 'metrics.jsonl') if '"keep"' in x]
+    q = sum(x['keep'] for x in steps[-max(1, len(steps) // 10):]) / max(1, len(steps) // 10)
+    rnd = conf('s1', 'learned_random_s1337')
+    assert rnd['learning_rate'] == chosen['learned_shift0'] and 0.5 * math.cos(rnd['shift_init']) + 0.5 == pytest.approx(q)
+    # the pilot: S2's factor is the one with the lower best val_select; S2 runs at S1's rate times it
+    pilot = {f: select_score(res / 'pilot' / f'baseline_x{f}_s3001')[0] for f in (1, 2)}
+    factor = min(pilot, key=pilot.get)
+    assert conf('s2', 'baseline_s1337')['learning_rate'] == pytest.approx(chosen['baseline'] * factor)
+    assert conf('s2', 'baseline_s1337')['max_iters'] == 6 and conf('pilot', 'baseline_x1_s3001')['max_iters'] == 3
+    best_dropout = 'baseline_dropout0.2'  # the only dropout row tuned here
+    assert (res / 's2' / f'{best_dropout}_s1338' / 'metrics.jsonl').exists()
+    # the endpoint: val_test at the evaluation with the lowest val_select, by hand, in results.csv
     with open(res / 'results.csv') as f:
-        per_run = {(x['row'], x['seed']): x for x in csv.DictReader(f)}
-    d = [float(per_run['learned_shift0', s]['primary']) - float(per_run['baseline', s]['primary']) for s in ('1337', '1338')]
-    mean, half = sum(d) / 2, 12.7062047 * abs(d[0] - d[1]) / 2  # t(0.975, 1) * sd / sqrt(2), sd = |d0 - d1| / sqrt(2)
-    line = next(x for x in md.splitlines() if x.startswith('| learned_shift0 | baseline |'))
-    assert f'{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n=2)' in line
-    assert 'distinguishable' in line  # Holm over the one comparison
-    with open(res / 'differences.csv') as f:
-        diffs = list(csv.DictReader(f))
-    assert [(x['row'], x['reference'], x['endpoint']) for x in diffs][:2] == [
-        ('learned_shift0', 'baseline', 'primary'), ('learned_shift0', 'baseline', 'best_val')]
-    assert float(diffs[0]['ci_high']) - float(diffs[0]['mean']) == pytest.approx(half, rel=1e-6)
-    assert nonempty_image(res / 'bands.png')
-    # resumable: nothing left to run; a run that finished in out/ but was not copied is resumed, not redone
-    # (in this process from here on: no interpreter start-up)
-    def again(*extra):
-        old = sys.argv
-        sys.argv = args[1:] + list(extra)
-        try:
-            runpy.run_path(args[1], run_name='__main__')
-            code = 0
-        except SystemExit as e:
-            code = 1 if isinstance(e.code, str) else e.code or 0
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        finally:
-            sys.argv = old
-        return code
-    assert again() == 0 and ': done in' not in capsys.readouterr().out
-    shutil.rmtree(res / 'learned_shift0_s1338')
-    assert again() == 0
-    out = capsys.readouterr().out
-    assert re.findall(r'^(.+): done in', out, re.M) == ['learned_shift0_s1338'] and '(resumed)' in out
-    assert (res / 'learned_shift0_s1338' / 'metrics.jsonl').exists()
-    # report_only rebuilds the same table; another design's results are refused, not mixed in
-    assert again('--report_only=True') == 0 and (res / 'results.md').read_text() == md
-    assert again('--report_only=True', '--max_iters=5') != 0
-    assert 'no finished runs of this design' in capsys.readouterr().err
-    assert again('--report_only=True', '--learning_rate=1e-3') != 0
-    assert 'was trained with learning_rate=' in capsys.readouterr().err
+        per_run = {(x['size'], x['row'], x['seed']): x for x in csv.DictReader(f)}
+    for (size, row, seed), x in per_run.items():
+        assert float(x['primary']) == pytest.approx(select_score(res / f's{size[1]}' / f'{row}_s{seed}')[1], rel=1e-12)
+    d = [float(per_run['S1', 'learned_shift0', s]['primary']) - float(per_run['S1', 'baseline', s]['primary'])
+         for s in ('1337', '1338')]
+    mean, half = sum(d) / 2, 12.7062047 * abs(d[0] - d[1]) / 2  # t(0.975, 1) * sd / sqrt(2)
+    s1 = md[md.index('## S1: paired'):md.index('## S2: results')]
+    line = next(x for x in s1.splitlines() if x.startswith('| learned_shift0 | baseline |'))
+    assert f'{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n=2)' in line and 'Holm (5%, m=2)' in s1
+    with open(res / 'along.csv') as f:  # the difference along training, at every evaluation
+        along = [x for x in csv.DictReader(f) if (x['size'], x['row'], x['reference']) == ('S1', 'learned_shift0', 'baseline')]
+    curves = [{e['iter']: e['val_test/loss'] for e in evals_of(res / 's1' / f'{row}_s1337')} for row in ('learned_shift0', 'baseline')]
+    assert [int(x['iter']) for x in along] == [0, 2, 4]
+    assert [x['n'] for x in along] == ['2'] * 3
+    assert nonempty_image(res / 'along_S1.png') and nonempty_image(res / 'along_S2.png')
+    assert curves[0][4] != curves[1][4]
+    # every learned run keeps its best weights (no optimizer) and its mask analysis on val_test
+    for name in ('learned_shift0_s1337', 'learned_random_s1338'):
+        kept = torch.load(res / 's1' / name / 'model.pt', weights_only=True)
+        after_start = [e for e in evals_of(res / 's1' / name) if e['iter'] > 0]  # train.py saves no step-0 model
+        assert 'optimizer' not in kept and kept['iter_num'] == min(after_start, key=lambda e: e['val_select/loss'])['iter']
+        report = json.load(open(res / 's1' / name / 'mask_analysis_model_val_test.json'))
+        assert report['split'] == 'val_test' and len(report['layers']) == 1
+    assert 'majority per channel − CE' in md
+    assert sorted(os.listdir(res / 's1' / 'baseline_s1337')) == ['config.json', 'metrics.jsonl']
+    # one commit per finished run, then the report; nothing left uncommitted
+    log = git('log', '--format=%s').stdout.splitlines()
+    assert log[0] == 'study v3: the report and its charts' and len(log) == len(done) + 1, log
+    assert git('status', '--porcelain', 'res').stdout == ''
+    # resumable: nothing left to run; report_only rebuilds the same tables; another design is refused
+    r = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and 'done in' not in r.stdout, r.stderr
+    r = subprocess.run(args + ['--report_only=True'], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and (res / 'results.md').read_text() == md
+    r = subprocess.run(args + ['--report_only=True', '--max_iters=6'], capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and 'no finished runs of this design' in r.stderr
+    r = subprocess.run(args + ['--report_only=True', '--warmup_iters=2'], capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and 'was trained with warmup_iters=1, this study has warmup_iters=2' in r.stderr
+    # a damaged run is named, in one line: a config.json that is no JSON object, a loss that is not finite
+    run = res / 's1' / 'baseline_s1338'
+    good = (run / 'config.json').read_text()
+    (run / 'config.json').write_text('[1, 2')
+    r = subprocess.run(args + ['--report_only=True'], capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and f'{run}/config.json is unreadable' in r.stderr and 'Traceback' not in r.stderr
+    (run / 'config.json').write_text(good)
+    lines = (run / 'metrics.jsonl').read_text().splitlines()
+    k = next(i for i, x in enumerate(lines) if 'val_test/loss' in x)
+    lines[k] = json.dumps(dict(json.loads(lines[k]), **{'val_test/loss': float('nan')}))
+    (run / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
+    r = subprocess.run(args + ['--report_only=True'], capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and f'{run}/metrics.jsonl: a loss that is not a finite number at iter 0' in r.stderr
 
 
 @pytest.mark.slow
-def test_calibration_pilot(data_dir, tmp_path):
-    """The pilot at toy size: the learning-rate cells (baseline, learned_shift0) and the subset cells
-    (baseline, dropout 0.2) land in calibration.md with their numbers; a second invocation runs nothing."""
-    args = [sys.executable, os.path.join(HERE, 'reproduce.py'), *STUDY_TOY, f'--data_dir={data_dir}',
-            f'--out_root={tmp_path / "out"}', f'--results_dir={tmp_path / "res"}', '--calibrate=True',
-            '--calib_lrs=1e-3', '--calib_lr_tokens=3000', '--calib_iters=3', '--calib_tokens=2500', '--jobs=2']
-    r = subprocess.run(args, capture_output=True, text=True, timeout=240)
+def test_reproduce_hands_runs_to_a_scheduler(data_dir, tmp_path):
+    """executor=submitit_local: the same runs as submitit jobs, collected the same way."""
+    res = tmp_path / 'res'
+    args = [sys.executable, os.path.join(HERE, 'reproduce.py'), *STUDY_TOY, '--tuned=baseline', '--rows=baseline',
+            '--rows2=baseline', '--lrs=1e-3,2e-3', '--stages=tune', f'--data_dir={data_dir}',
+            f'--out_root={tmp_path / "out"}', f'--results_dir={res}', '--jobs=2', '--executor=submitit_local']
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
-    assert sorted(re.findall(r'^calibration/(\S+): done in', r.stdout, re.M)) == [
-        'baseline_dropout0.2_t2500_i4_lr0.002', 'baseline_t2500_i4_lr0.002', 'baseline_t3000_i3_lr0.001',
-        'learned_shift0_t3000_i3_lr0.001']
-    md = (tmp_path / 'res' / 'calibration.md').read_text()
-    evals = lambda name: [json.loads(x) for x in open(tmp_path / 'res' / 'calibration' / name / 'metrics.jsonl')  # noqa: E731
-                          if 'val/loss' in x]
-    b, lrn = evals('baseline_t3000_i3_lr0.001')[-1], evals('learned_shift0_t3000_i3_lr0.001')[-1]
-    assert re.search(rf"^\| 0.001 \| {b['val/loss']:.3f} \| {lrn['val/loss']:.3f} \| [\d.]+, [\d.]+, [\d.]+ \|$", md, re.M)
-    b, d = (evals(f'{row}_t2500_i4_lr0.002') for row in ('baseline', 'baseline_dropout0.2'))
-    delta = sum(x['val/loss'] for x in d[-3:]) / 3 - sum(x['val/loss'] for x in b[-3:]) / 3
-    row = next(x for x in md.splitlines() if re.match(r'\| [\d,]+ \| 4 \|', x))
-    assert row.split(' | ')[4] == f"{b[-1]['val/loss']:.3f}" and row.endswith(f'| {delta:+.3f} |')
-    assert "This study (reproduce.py's defaults): 3,000 train tokens" in md
-    r = subprocess.run(args, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0 and 'done in' not in r.stdout, r.stderr
+    names = sorted(re.findall(r'^tune/(\S+): done in', r.stdout, re.M))
+    assert names[:2] == ['baseline_lr0.001_s2001', 'baseline_lr0.002_s2001'] and len(names) in (2, 3)
+    assert os.listdir(tmp_path / 'out' / 'submitit')  # submitit's own job folder
+    log = (tmp_path / 'out' / 'tune' / 'baseline_lr0.001_s2001' / 'train.log').read_text()
+    assert 'step 4/4' in log
+
+
+@pytest.mark.slow
+def test_reproduce_children_die_with_it(data_dir, tmp_path):
+    """SIGKILL of reproduce.py (no handler can run) still ends its train.py child: the kernel sends it
+    SIGTERM (parent-death signal), and train.py saves a checkpoint and exits."""
+    import signal
+    import time
+    out = tmp_path / 'out'
+    args = [sys.executable, os.path.join(HERE, 'reproduce.py'), *STUDY_TOY, '--tuned=baseline', '--rows=baseline',
+            '--rows2=baseline', '--lrs=1e-3', '--stages=tune', '--max_iters=100000', '--eval_interval=50000',
+            f'--data_dir={data_dir}', f'--out_root={out}', f'--results_dir={tmp_path / "res"}']
+    parent = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = out / 'tune' / 'baseline_lr0.001_s2001' / '.lock'
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    child = int(lock.read_text())
+    time.sleep(2)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 60
+    while os.path.exists(f'/proc/{child}') and time.time() < deadline:
+        time.sleep(0.2)
+    alive = os.path.exists(f'/proc/{child}') and 'Z' not in open(f'/proc/{child}/stat').read().split()[2]
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive
 
 
 def test_study_shapes():
-    """Each row trains at the study shape of its config's width: the learned rows and the width control
-    (a plain GPT as wide as the learned model) at learned_shape, the rest at baseline_shape; an explicit
-    expert width scales with the model's."""
+    """Each row trains at its size's shape for its config's width: the learned rows and the width control
+    at the learned shape, the rest at the plain one; an explicit expert width scales with the model's;
+    S2 keeps S1's tokens per parameter and passes (steps, evaluations and warm-up scaled with the data)."""
     import reproduce
-    shape = lambda row: {k: reproduce.run_settings(row, 1337)[k] for k in ('n_layer', 'n_embd', 'n_head')}  # noqa: E731
-    learned, baseline = reproduce.parse_kv(reproduce.learned_shape), reproduce.parse_kv(reproduce.baseline_shape)
-    assert learned != baseline
-    for row in reproduce.ROWS:
-        want = learned if row.startswith('learned') or row == 'baseline_narrow' else baseline
-        assert shape(row) == want, row
-    assert reproduce.row_config('baseline_narrow')['model_type'] == 'baseline'
-    assert reproduce.run_settings('moe_flops', 1337)['expert_hidden'] == 4 * baseline['n_embd']
-    assert 'expert_hidden' not in reproduce.run_settings('moe_params', 1337)
+    for size, (ls, bs) in (('S1', (reproduce.learned_shape, reproduce.baseline_shape)),
+                           ('S2', (reproduce.learned_shape2, reproduce.baseline_shape2))):
+        learned, baseline = reproduce.parse_kv(ls), reproduce.parse_kv(bs)
+        for row in reproduce.CONFIGS:
+            if row.startswith(('quick', 'small')):
+                continue
+            want = learned if row.startswith('learned') or row == 'baseline_narrow' else baseline
+            got = reproduce.run_settings(row, size, 1337, 1e-3)
+            assert {k: got[k] for k in want} == want, (size, row)
+        assert reproduce.run_settings('moe_flops', size, 1337, 1e-3)['expert_hidden'] == 4 * baseline['n_embd']
+    s1, s2 = reproduce.size('S1'), reproduce.size('S2')
+    ratio = reproduce.train_tokens2 / reproduce.train_tokens
+    assert s2['max_iters'] / s1['max_iters'] == pytest.approx(ratio, rel=0.01)
+    assert s2['max_iters'] // s2['eval_interval'] == s1['max_iters'] // s1['eval_interval']
+    counts = {s: reproduce.shape_params(s) for s in ('S1', 'S2')}
+    for s, c in counts.items():
+        assert abs(c['learned'] / c['baseline'] - 1) < 0.01, s
+    assert reproduce.train_tokens2 / counts['S2']['baseline'] == pytest.approx(reproduce.train_tokens / counts['S1']['baseline'], rel=0.01)
+    one = reproduce.run_settings('baseline', 'S1', 1337, 2e-3)
+    assert one['min_lr'] == 2e-4 and one['lr_decay_iters'] == one['max_iters'] and one['eval_halves'] is True
 
 
-def test_study_schedule(monkeypatch):
-    """Priority rows' seeds first (seed-major), then the others; then a seed more for a comparison whose
-    interval is wider than target_ci, until max_seeds."""
+def test_study_tuning_rules(monkeypatch):
+    """The choices on planted scores: the lowest mean best val_select wins; a best rate at an edge of the
+    grid gets one more rate beyond it, once; the penalty at the method's rate; the best dropout rate; the
+    random control's keep rate; the stages wait for what they need."""
     import reproduce
-    for k, v in dict(min_seeds=2, min_seeds_other=1, max_seeds=3, target_ci=0.04).items():
+    for k, v in dict(tuned='baseline,baseline_dropout0.2,baseline_dropout0.1,learned_shift0', lrs='1e-3,2e-3,4e-3',
+                     penalties='0,0.1,0.3', tune_seeds=2, rows='baseline,learned_shift0,learned_random').items():
         monkeypatch.setattr(reproduce, k, v)
-    rows = ['learned_shift_pi', 'learned_shift0', 'baseline']
-    done = {r: {} for r in rows}
-    order = []
-    while (nxt := reproduce.next_run(rows, done)) and len(order) < 20:
-        k, row = nxt
-        done[row][k] = {'primary': 5.0 + (0.1 * (-1) ** k if row == 'learned_shift_pi' else 0.001 * k)}
-        order.append(f'{row}:{k}')
-    # learned_shift_pi vs baseline is noisy (+-0.1): it gets seeds 1 and 2; learned_shift0 is tight after 2 seeds
-    assert order == ['baseline:0', 'learned_shift0:0', 'baseline:1', 'learned_shift0:1', 'learned_shift_pi:0',
-                     'learned_shift_pi:1', 'baseline:2', 'learned_shift_pi:2']
-    # runs in flight (jobs > 1) are not started twice: the next free one in the same order
-    empty = {r: {} for r in rows}
-    assert reproduce.next_run(rows, empty, busy={'baseline_s1337'}) == (0, 'learned_shift0')
-    assert reproduce.next_run(rows, empty, busy={'baseline_s1337', 'learned_shift0_s1337'}) == (1, 'baseline')
-    noisy = {'baseline': {0: {'primary': 5.0}, 1: {'primary': 5.0}},
-             'learned_shift0': {0: {'primary': 5.0}, 1: {'primary': 5.001}},
-             'learned_shift_pi': {0: {'primary': 5.1}, 1: {'primary': 4.9}}}
-    assert reproduce.next_run(rows, noisy) == (2, 'baseline')
-    assert reproduce.next_run(rows, noisy, busy={'baseline_s1339'}) == (2, 'learned_shift_pi')
-    assert reproduce.next_run(rows, noisy, busy={'baseline_s1339', 'learned_shift_pi_s1339'}) is None
+    best = {'baseline': 4e-3, 'baseline_dropout0.2': 2e-3, 'baseline_dropout0.1': 1e-3, 'learned_shift0': 8e-3}
+    ran = []
 
-
-def test_study_families():
-    """Two Holm families: every row against baseline and dropout 0.2 (the declared one), then the other
-    rows against learned_shift0; each table's numbers are the paired statistics of its own pairs."""
-    import reproduce
-    rows = ['learned_shift0', 'learned_shift_pi', 'baseline', 'baseline_dropout0.2']
-    assert reproduce.comparisons(rows) == [
-        ('learned_shift0', 'baseline'), ('learned_shift_pi', 'baseline'), ('baseline_dropout0.2', 'baseline'),
-        ('learned_shift0', 'baseline_dropout0.2'), ('learned_shift_pi', 'baseline_dropout0.2')]
-    assert reproduce.method_comparisons(rows) == [('learned_shift_pi', 'learned_shift0')]
-    assert reproduce.method_comparisons(['baseline', 'learned_shift_pi']) == []
-    run = lambda v: {'primary': v, 'best_val': v, 'final_train': 3.0, 'curve': [(4.0, v), (3.0, v)]}  # noqa: E731
-    done = {'learned_shift0': {0: run(5.00), 1: run(5.02), 2: run(5.01)},
-            'learned_shift_pi': {0: run(5.10), 1: run(5.11), 2: run(5.13)}}
-    csv_rows = []
-    md = reproduce.differences_table(done, reproduce.method_comparisons(rows[:2]), csv_rows)
-    s = reproduce.paired([0.10, 0.09, 0.12])
-    line = next(x for x in md if x.startswith('| learned_shift_pi | learned_shift0 |'))
-    assert f"{s['mean']:+.3f} [{s['mean'] - s['half']:+.3f}, {s['mean'] + s['half']:+.3f}] (n=3)" in line
-    assert 'Holm (5%, m=1)' in md[0] and '| +0.073 |' in line  # the seed: shift pi 3.457 - shift 0 3.384
-    assert [(r['row'], r['reference'], r['endpoint']) for r in csv_rows][0] == ('learned_shift_pi', 'learned_shift0', 'primary')
-    assert csv_rows[0]['holm_rejected'] == (s['p'] <= 0.05) and csv_rows[2]['mean'] == pytest.approx(s['mean'])  # fit
+    def fake(t):
+        ran.append(t['name'])
+        s = t['settings']
+        lr, row = s['learning_rate'], t['row']
+        # a V in log(rate) around each row's planted best; dropout 0.1 lower overall; penalty 0.3 best
+        score = 5 + abs(math.log2(lr / best[row])) * 0.1 - (0.05 if row == 'baseline_dropout0.1' else 0)
+        score -= 0.01 * (s.get('penalty_coeff', 0.1) == 0.3)
+        return {'select': score + 0.001 * (s['seed'] - 2001), 'keep_train': 0.4 + 0.1 * (s['seed'] - 2001)}
+    monkeypatch.setattr(reproduce, 'result', fake)
+    c = reproduce.tuning()
+    assert c['lr'] == {'baseline': 4e-3, 'baseline_dropout0.2': 2e-3, 'baseline_dropout0.1': 1e-3, 'learned_shift0': 8e-3}
+    assert set(c['scores']['baseline']) == {1e-3, 2e-3, 4e-3, 8e-3}  # 4e-3 at the edge: 8e-3 tried, and lost
+    assert set(c['scores']['baseline_dropout0.1']) == {5e-4, 1e-3, 2e-3, 4e-3}
+    assert set(c['scores']['baseline_dropout0.2']) == {1e-3, 2e-3, 4e-3}
+    assert set(c['scores']['learned_shift0']) == {1e-3, 2e-3, 4e-3, 8e-3}  # best beyond the edge: extended once only
+    assert c['penalty'] == 0.3 and c['keep'] == pytest.approx(0.45) and c['best_dropout'] == 'baseline_dropout0.1'
+    assert c['complete'] and 'learned_shift0_lr0.008_pen0.3_s2002' in [t['name'] for t in c['tasks']]
+    s = reproduce.main_settings('learned_random', 'S1', 1337, c)
+    assert s['learning_rate'] == 8e-3 and 0.5 * math.cos(s['shift_init']) + 0.5 == pytest.approx(0.45)
+    assert reproduce.main_settings('learned_shift0', 'S1', 1337, c)['penalty_coeff'] == 0.3
+    assert reproduce.size_rows('S2', c)[1] == 'baseline_dropout0.1'
+    # nothing finished yet: only the first grid is known, and no stage after tuning has a task
+    monkeypatch.setattr(reproduce, 'result', lambda t: None)
+    tasks, c, _ = reproduce.plan()
+    assert len(tasks['tune']) == 4 * 3 * 2 and not tasks['s1'] and not tasks['pilot'] and not tasks['s2']
+    assert [t['name'] for t in tasks['tune'][:2]] == ['baseline_lr0.001_s2001', 'baseline_lr0.002_s2001']
+    assert tasks['tune'][12]['name'] == 'baseline_lr0.001_s2002'  # seed-major: every cell's first seed first
 
 
 def test_study_statistics_hand_cases():
-    """The paired 95% interval, the t quantiles, Holm's step-down and the fit-matched val on planted numbers."""
+    """The paired 95% interval, Holm's step-down and the declared comparisons on planted numbers."""
     import reproduce
-    for df, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (7, 2.3646), (30, 2.0423)):  # tables of t(0.975, df)
-        assert reproduce.t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
     d = [-0.10, -0.05, -0.08, -0.02, -0.07]  # mean -0.064, sd 0.030496
     s = reproduce.paired(d)
     assert s['n'] == 5 and s['mean'] == pytest.approx(-0.064) and s['sd'] == pytest.approx(0.0304959, rel=1e-5)
-    assert s['half'] == pytest.approx(2.7764451 * 0.0304959 / 5 ** 0.5, rel=1e-5)
-    assert s['p'] == pytest.approx(0.009359, abs=1e-5)  # t = -4.6927, 4 degrees of freedom (scipy.stats.t.sf)
+    assert s['half'] == pytest.approx(2.7764451 * 0.0304959 / 5 ** 0.5, rel=1e-5)  # t(0.975, 4) from the tables
+    assert s['p'] == pytest.approx(0.009359, abs=1e-5)  # t = -4.6927, 4 degrees of freedom
     assert reproduce.paired([0.1])['half'] is None
     # Holm: sorted p 0.005 <= 0.05/4, 0.01 <= 0.05/3, 0.03 > 0.05/2: stop; 0.04 is not rejected either
     assert reproduce.holm({'a': 0.01, 'b': 0.04, 'c': 0.03, 'd': 0.005}) == {'a': True, 'b': False, 'c': False, 'd': True}
     assert reproduce.holm({'a': 0.02, 'b': 0.03}) == {'a': True, 'b': True}  # 0.02 <= 0.025, 0.03 <= 0.05
-    # fit-matched: tau = the worse (higher) final train CE; the other run's val is read where it had that train CE
-    a = {'final_train': 3.0, 'curve': [(5.0, 5.5), (4.0, 5.0), (3.0, 5.2)]}
-    b = {'final_train': 2.5, 'curve': [(5.0, 5.4), (3.5, 5.0), (2.5, 5.6)]}
-    assert reproduce.val_at_train(a['curve'], 3.5) == pytest.approx(5.1)
-    assert reproduce.fit_matched(a, b) == pytest.approx(5.2 - 5.3)  # b at train 3.0: halfway from 5.0 to 5.6
-    assert reproduce.val_at_train(a['curve'], 2.0) is None
+    rows = ['baseline', 'baseline_dropout0.1', 'baseline_dropout0.2', 'learned_shift0', 'learned_static']
+    assert reproduce.comparisons(rows, 'baseline_dropout0.1', 'S1') == [
+        ('learned_shift0', 'baseline'), ('learned_shift0', 'baseline_dropout0.2'),
+        ('learned_shift0', 'baseline_dropout0.1'), ('learned_static', 'learned_shift0'),
+        ('baseline_dropout0.2', 'baseline'), ('baseline_dropout0.1', 'baseline')]
+    assert reproduce.comparisons(['baseline', 'baseline_dropout0.1', 'learned_shift0'], 'baseline_dropout0.1', 'S2') == [
+        ('learned_shift0', 'baseline'), ('learned_shift0', 'baseline_dropout0.1'), ('baseline_dropout0.1', 'baseline')]
