@@ -45,8 +45,21 @@ def load_run(out_dir):
     name = os.path.basename(os.path.normpath(out_dir))
     config_path = os.path.join(out_dir, 'config.json')
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            name = json.load(f).get('wandb_run_name') or name
+        try:
+            with open(config_path) as f:
+                conf = json.load(f)
+        except (OSError, ValueError) as e:
+            raise PlotError(f"cannot read {config_path} ({type(e).__name__}): it names the run; fix or remove it")
+        if not isinstance(conf, dict):
+            raise PlotError(f"{config_path} is not a JSON object: it names the run; fix or remove it")
+        name = str(conf.get('wandb_run_name') or name)
+    records = [r for r in records if isinstance(r, dict) and isinstance(r.get('iter'), int)]
+    # a diverged run logs NaN or inf: those points are left out of the lines (with a word), not drawn as gaps
+    bad = [r['iter'] for r in records if any(isinstance(v, float) and not np.isfinite(v) for v in r.values())]
+    if bad:
+        print(f"plot.py: warning: {path}: losses that are not finite numbers at {len(bad)} record(s) from iter "
+              f"{bad[0]}; those points are not drawn", file=sys.stderr)
+        records = [{k: v for k, v in r.items() if not (isinstance(v, float) and not np.isfinite(v))} for r in records]
     return name, [r for r in records if 'val/loss' in r], [r for r in records if 'loss' in r]
 
 
@@ -57,11 +70,22 @@ def unique_names(runs, out_dirs):
 
 
 def save(fig, out, stem):
+    """The figure as out/stem.png and .svg, each written to a temporary and renamed (a full disk leaves the
+    previous chart whole)."""
+    from runtime import RuntimeSetupError, atomic_write
     stem = re.sub(r'[^\w.+=-]', '_', stem)  # run names may hold '/' or spaces: keep files inside out
+    if len(stem) > 120:  # a file name has at most 255 bytes: a long run name is cut, its hash keeps it apart
+        import hashlib
+        stem = f"{stem[:100]}-{hashlib.sha1(stem.encode()).hexdigest()[:8]}"
     paths = [os.path.join(out, f'{stem}.{ext}') for ext in ('png', 'svg')]
-    for p in paths:
-        fig.savefig(p, dpi=120, bbox_inches='tight', metadata={'Date': None} if p.endswith('svg') else None)
-    plt.close(fig)
+    try:
+        for p in paths:
+            atomic_write(p, lambda tmp, ext=p[-3:]: fig.savefig(
+                tmp, format=ext, dpi=120, bbox_inches='tight', metadata={'Date': None} if ext == 'svg' else None), 'chart')
+    except RuntimeSetupError as e:
+        raise PlotError(str(e))
+    finally:
+        plt.close(fig)
     return paths
 
 
@@ -122,8 +146,13 @@ def layer_heatmap(grid, figsize, cmap, xlabel, title, **imshow_kw):
 
 
 def plot_keep_layers(name, steps, out):
-    recs = [r for r in steps if 'keep_per_layer' in r]
-    grid = np.array([r['keep_per_layer'] for r in recs]).T  # (layers, logged steps)
+    recs = [r for r in steps if isinstance(r.get('keep_per_layer'), list)]
+    n_layer = max((len(r['keep_per_layer']) for r in recs), key=[len(r['keep_per_layer']) for r in recs].count)
+    if any(len(r['keep_per_layer']) != n_layer for r in recs):  # a run resumed with another depth, or edited
+        print(f"plot.py: warning: {name}: keep_per_layer has another length than {n_layer} in some records; "
+              f"those are not drawn", file=sys.stderr)
+        recs = [r for r in recs if len(r['keep_per_layer']) == n_layer]
+    grid = np.array([r['keep_per_layer'] for r in recs], dtype=float).T  # (layers, logged steps)
     iters = [r['iter'] for r in recs]
     half = (iters[-1] - iters[0]) / (2 * (len(iters) - 1)) if len(iters) > 1 else 0.5  # columns centred on their step
     fig, ax = layer_heatmap(grid, (10, 0.25 * grid.shape[0] + 2), 'viridis', 'iteration',

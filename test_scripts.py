@@ -450,3 +450,27 @@ def test_study_statistics_hand_cases():
         ('baseline_dropout0.2', 'baseline'), ('baseline_dropout0.1', 'baseline')]
     assert reproduce.comparisons(['baseline', 'baseline_dropout0.1', 'learned_shift0'], 'baseline_dropout0.1', 'S2') == [
         ('learned_shift0', 'baseline'), ('learned_shift0', 'baseline_dropout0.1'), ('baseline_dropout0.1', 'baseline')]
+
+
+def test_plot_damaged_runs(tmp_path, capsys):
+    """plot.py on hand-written metrics: non-finite losses and ragged keep_per_layer are left out with a
+    warning; a long run name still makes a file; a corrupt config.json is one line naming it."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    recs = [{'iter': i, 'loss': 5.0 - 0.1 * i, 'keep': 0.9, 'keep_per_layer': [0.9, 0.8]} for i in range(6)]
+    recs[3]['loss'] = float('inf')
+    recs[4]['keep_per_layer'] = [0.5]
+    recs += [{'iter': i, 'train/loss': 5.0 - 0.1 * i, 'val/loss': v} for i, v in ((0, 5.2), (5, float('nan')))]
+    (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    (run / 'config.json').write_text(json.dumps({'wandb_run_name': 'x' * 300}))
+    out = tmp_path / 'charts'
+    out.mkdir()
+    plot.main([str(run), f'--out={out}'])
+    err = capsys.readouterr().err
+    assert 'not finite numbers at 2 record(s) from iter 3' in err and 'keep_per_layer has another length' in err
+    names = sorted(os.listdir(out))
+    assert 'curves.png' in names and any(n.startswith('keep_layers_xxx') and len(n) < 140 for n in names), names
+    assert not [n for n in names if n.endswith('.tmp')]
+    (run / 'config.json').write_text('[1, 2')
+    with pytest.raises(SystemExit, match=r'cannot read .*config.json \(JSONDecodeError\)'):
+        plot.main([str(run), f'--out={out}'])
