@@ -101,7 +101,7 @@ def run_colors(names):
 
 
 def plot_curves(runs, out):
-    panels = [('train/loss', 'evals', 'train cross-entropy (eval mode)'),
+    panels = [('train/loss', 'evals', 'train cross-entropy (eval mode; thin: each logged step, training mode)'),
               ('val/loss', 'evals', 'val cross-entropy (eval mode)'),
               ('penalty', 'steps', 'penalty mean(M²/2), the "L1 norm"'),
               ('keep', 'steps', 'keep fraction (training masks)')]
@@ -116,11 +116,18 @@ def plot_curves(runs, out):
                 ax.plot([r['iter'] for r in recs], [r[key] for r in recs], label=name, color=color[name],
                         marker='o' if kind == 'evals' and len(recs) < 30 else None, markersize=3)
                 tail += [r[key] for r in recs if r['iter'] >= 0.1 * last_iter]
+            if key == 'train/loss':  # the per-step training loss (masks and dropout on) beside the evaluations
+                ce = [r for r in steps if 'ce' in r or 'loss' in r]
+                if ce:
+                    ax.plot([r['iter'] for r in ce], [r.get('ce', r.get('loss')) for r in ce], color=color[name],
+                            lw=0.8, alpha=0.4, label=f'_{name}')  # '_': not in the legend
+                    tail += [r.get('ce', r.get('loss')) for r in ce if r['iter'] >= 0.1 * last_iter]
         if kind == 'evals' and tail:  # zoom to the last 90%: the loss at init would flatten the differences
             pad = 0.05 * (max(tail) - min(tail) or 1)
             ax.set_ylim(min(tail) - pad, max(tail) + pad)
             title += ', last 90% of training'
-        ax.set_title(title)
+        ax.set_xlim(0, last_iter * 1.02 or 1)  # every panel covers the whole run, logged steps or not
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel('iteration')
         ax.set_ylabel(title.split(' (')[0].split(',')[0])
         ax.grid(alpha=0.3)
@@ -223,7 +230,8 @@ def plot_bands(groups, out):
             pad = 0.05 * (max(tail) - min(tail) or 1)
             ax.set_ylim(min(tail) - pad, max(tail) + pad)
             title += ', last 90% of training'
-        ax.set_title(title)
+        ax.set_xlim(0, last_iter * 1.02 or 1)  # every panel covers the whole run, logged steps or not
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel('iteration')
         ax.grid(alpha=0.3)
         if not ax.lines:

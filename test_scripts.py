@@ -130,6 +130,23 @@ def test_plot_curves_and_layer_heatmap(runs, tmp_path):
     assert 'learned' in svg and 'baseline' in svg  # one legend entry per run
 
 
+def test_plot_train_panel_has_every_step_and_panels_cover_the_run(tmp_path, monkeypatch):
+    """The train panel draws the evaluations and the per-step training loss; every panel spans the run,
+    also the step panels whose last logged step comes before the last evaluation."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    recs = [{'iter': i, 'loss': 6 - i / 100, 'ce': 6 - i / 100, 'keep': 0.9, 'penalty': 0.4} for i in range(0, 450, 50)]
+    recs += [{'iter': i, 'train/loss': 5.9 - i / 100, 'val/loss': 6 - i / 120} for i in (0, 250, 500)]
+    (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    figs = []
+    monkeypatch.setattr(plot, 'save', lambda fig, out, stem: figs.append(fig) or [])
+    plot.main([str(run), f'--out={tmp_path}'])
+    train_ax = figs[0].axes[0]
+    ys = sorted(tuple(line.get_xdata()) for line in train_ax.lines)
+    assert ys == sorted([(0, 250, 500), tuple(range(0, 450, 50))])
+    assert all(ax.get_xlim()[1] >= 500 for ax in figs[0].axes[:4])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('bands', [False, True])
 def test_plot_colours_follow_the_run(runs, tmp_path, monkeypatch, bands):
@@ -141,7 +158,8 @@ def test_plot_colours_follow_the_run(runs, tmp_path, monkeypatch, bands):
     colour = {}
     for ax in figs[0].axes:
         for line in ax.lines:
-            assert colour.setdefault(line.get_label(), line.get_color()) == line.get_color(), line.get_label()
+            label = line.get_label().removeprefix('_')  # '_name': the run's per-step line, kept out of the legend
+            assert colour.setdefault(label, line.get_color()) == line.get_color(), label
     assert len(colour) == 2 and len(set(colour.values())) == 2
     assert len(set(plot.run_colors([f'run{i}' for i in range(13)]).values())) == 13
 
