@@ -59,6 +59,91 @@ def check_field_type(config, field):
         raise ValueError(f"{field.name} must be a finite number, got {value!r}")
 
 
+# The training loss's output layer, chunked: with return_logits=False, GPT.forward computes the loss a chunk of
+# tokens at a time, so that the (B*T, vocab) logits are never held whole (nor their float32 copy, softmax and
+# gradient). A chunk holds at most CE_CHUNK_LOGITS logits: 2^26 (256 MiB in float32) is 1335 tokens of GPT-2's
+# vocabulary, 8 chunks for a seed micro-batch of 50 x 200 tokens. Read when forward runs (a compiled model
+# recompiles if it changes).
+CE_CHUNK_LOGITS = 2 ** 26
+
+
+def ce_chunk_tokens(vocab_size):
+    """Tokens per chunk of chunked_cross_entropy: as many as keep a chunk's logits within CE_CHUNK_LOGITS."""
+    return max(1, CE_CHUNK_LOGITS // vocab_size)
+
+
+def chunked_cross_entropy(h, weight, targets, chunk_tokens=None):
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-1) (the mean over targets != -1) for h (N, C),
+    weight (V, C) and targets (N,), without ever holding the (N, V) logits: chunk_tokens rows at a time
+    (default ce_chunk_tokens(V)). The product is in the autocast dtype where autocast is on (as
+    nn.Linear's), the softmax in float32. Where a gradient is needed, ChunkedCrossEntropy computes it
+    chunk by chunk in the forward pass; under no_grad, or with no input requiring one, no gradient is computed."""
+    chunk = chunk_tokens or ce_chunk_tokens(weight.size(0))
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    need_h, need_w = torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and weight.requires_grad
+    if need_h or need_w:
+        return ChunkedCrossEntropy.apply(h, weight, targets, chunk, dtype, need_h, need_w)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    w = weight.to(dtype)
+    for start in range(0, h.size(0), chunk):
+        t = targets[start:start + chunk]  # (c,)
+        logp = F.log_softmax((h[start:start + chunk].to(dtype) @ w.t()).float(), dim=-1)  # (c, V)
+        loss_sum = loss_sum + chunk_nll(logp, t)
+    return loss_sum / (targets != -1).sum()
+
+
+def chunk_nll(logp, t):
+    """Summed -log p of the targets t (c,) != -1 under the log-probabilities logp (c, V)."""
+    nll = -logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)  # (c,)
+    return torch.where(t != -1, nll, 0.0).sum()
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """chunked_cross_entropy with a gradient. The forward pass walks over the chunks of tokens and, for each,
+    computes its logits, its summed loss and, from its softmax p, the gradients of the mean loss as the full
+    path's backward computes them: g = (p - onehot) / count in float32, cast to the logits' dtype, g @ W for
+    the chunk's h and g.T @ h for W (those products in the logits' dtype, W's summed over chunks in float32).
+    Only the gradients (N x C and V x C) are kept for backward, which scales them by grad_output; autograd
+    would keep every chunk's logits instead. In float16, whose range is too small for the unscaled g of
+    many tokens (GradScaler scales the loss for the full path), g is divided by count in backward instead."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, dtype, need_h, need_w):
+        w = weight.to(dtype)  # (V, C)
+        valid = targets != -1  # (N,)
+        count = valid.sum()
+        inv = 1.0 / count.float() if dtype != torch.float16 else torch.ones((), device=h.device)  # g's scale
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_hs, grad_w = [], None
+        for start in range(0, h.size(0), chunk):
+            h_c, t = h[start:start + chunk].to(dtype), targets[start:start + chunk]  # (c, C), (c,)
+            logp = F.log_softmax((h_c @ w.t()).float(), dim=-1)  # (c, V)
+            loss_sum = loss_sum + chunk_nll(logp, t)
+            # g = d(loss)/d(logits) = p * inv - onehot(t) * inv (F.cross_entropy's backward), for the rows whose
+            # target is not ignored: the other rows of h get 0 and add nothing to W's
+            g = logp.exp_().mul_(inv).scatter_add_(1, t.clamp(min=0).unsqueeze(1), (-inv).expand(t.size(0), 1))
+            g = g.to(dtype)  # (c, V)
+            v = valid[start:start + chunk].unsqueeze(1)  # (c, 1)
+            if need_h:
+                grad_hs.append(torch.where(v, g @ w, 0.0).float())  # (c, C)
+            if need_w:
+                gw = (g.t() @ torch.where(v, h_c, 0.0)).float()  # (V, C)
+                grad_w = gw if grad_w is None else grad_w + gw
+        post = 1.0 / count.float() if dtype == torch.float16 else torch.ones((), device=h.device)
+        ctx.save_for_backward(torch.cat(grad_hs) if need_h else None, grad_w, post)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, post = ctx.saved_tensors
+        scale = grad_loss * post  # grad_output (and 1 / count in float16)
+        grad_h = (grad_h * scale).to(ctx.h_dtype) if grad_h is not None else None
+        grad_w = (grad_w * scale).to(ctx.w_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None, None
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's cannot switch the bias off on its own)."""
 
@@ -271,12 +356,16 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
-    def head(self, x, targets):
+    def head(self, x, targets, return_logits=True):
         """Final LayerNorm and LM head: (logits of every position, mean cross-entropy) with
-        targets, else (logits of the last position, None) as nanoGPT's generation expects."""
+        targets, else (logits of the last position, None) as nanoGPT's generation expects.
+        With targets and return_logits=False: (None, the same cross-entropy), computed by
+        chunked_cross_entropy without ever holding the (B, T, vocab) logits (train.py's way)."""
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, vocab)
+        if not return_logits:
+            return None, chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
@@ -288,11 +377,13 @@ class GPT(nn.Module):
             x = block(x, kv_cache)
         return x,
 
-    def forward(self, idx, targets=None, kv_cache=None, return_stats=False):
+    def forward(self, idx, targets=None, kv_cache=None, return_stats=False, return_logits=True):
         """logits, loss = model(idx, targets). With return_stats=True a third value, a dict
-        of detached tensors for logging, comes back (here only 'ce'; see model.GPT)."""
+        of detached tensors for logging, comes back (here only 'ce'; see model.GPT). With targets
+        and return_logits=False, logits is None and the loss is computed in chunks of tokens
+        (chunked_cross_entropy): the same value and gradients, without the (B, T, vocab) logits."""
         x, = self.hidden(idx, kv_cache)
-        logits, loss = self.head(x, targets)
+        logits, loss = self.head(x, targets, return_logits)
         if return_stats:
             return logits, loss, {'ce': loss.detach()} if loss is not None else {}
         return logits, loss

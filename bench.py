@@ -91,10 +91,10 @@ def sync(dev):
 
 
 def make_step(m, opt, ctx):
-    """train.py's step: forward with statistics, the logits dropped before backward, AdamW."""
+    """train.py's step: forward with statistics, the loss in chunks without the whole logits, AdamW."""
     def step(x, y):
         with ctx:
-            loss = m(x, y, return_stats=True)[1]
+            loss = m(x, y, return_stats=True, return_logits=False)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -289,13 +289,14 @@ class GPT(BaselineGPT):
             rs.append(r)
         return x, ms, rs
 
-    def forward(self, idx, targets=None, kv_cache=None, return_stats=False):
+    def forward(self, idx, targets=None, kv_cache=None, return_stats=False, return_logits=True):
         """logits, loss = model(idx, targets); in training the loss adds
         penalty_coeff * mean over layers of mean(M^2/2). With return_stats=True a third
         value is a dict of detached tensors: 'ce' (pure cross-entropy, with targets) and one
-        (n_layer,) tensor per MASK_STATS name ('penalty' is mean(M^2/2), unweighted)."""
+        (n_layer,) tensor per MASK_STATS name ('penalty' is mean(M^2/2), unweighted).
+        return_logits=False: logits None, the cross-entropy in chunks (baseline_model.GPT.forward)."""
         x, ms, rs = self.hidden(idx, kv_cache)
-        logits, loss = self.head(x, targets)
+        logits, loss = self.head(x, targets, return_logits)
         ce = loss
         with_penalty = loss is not None and self.training and self.config.penalty_coeff > 0
         if with_penalty or return_stats:

@@ -154,13 +154,14 @@ class GPT(BaselineGPT):
             loads.append(load)
         return x, torch.stack(auxs), torch.stack(zs), torch.stack(loads)
 
-    def forward(self, idx, targets=None, kv_cache=None, return_stats=False):
+    def forward(self, idx, targets=None, kv_cache=None, return_stats=False, return_logits=True):
         """logits, loss = model(idx, targets); in training the loss adds moe_aux_coeff * the mean
         over layers of the load-balancing loss, and router_z_coeff * the mean z-loss. With
         return_stats=True a third value is a dict of detached tensors: 'ce' (with targets) and
-        the MOE_STATS."""
+        the MOE_STATS. return_logits=False: logits None, the cross-entropy in chunks
+        (baseline_model.GPT.forward)."""
         x, aux, z_loss, load = self.hidden(idx, kv_cache)
-        logits, loss = self.head(x, targets)
+        logits, loss = self.head(x, targets, return_logits)
         ce = loss
         if loss is not None and self.training:
             if self.config.moe_aux_coeff > 0:

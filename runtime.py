@@ -168,7 +168,8 @@ def setup_device(device_type):
 
 def training_memory(model_type, model_args, batch_size):
     """Bytes one training step of this model at this micro-batch needs at least, in float32: the weights,
-    their gradients and AdamW's two moments (16 bytes a parameter), the logits and their gradient, and
+    their gradients and AdamW's two moments (16 bytes a parameter), one chunk of logits and its gradient
+    (train.py's loss is baseline_model.chunked_cross_entropy), the final hidden state's gradient, and
     every layer's activations kept for backward (Korthikanti et al. 2022: 34·C bytes a token at 16 bits,
     doubled; the attention matrices left out, as fused attention keeps none). A lower bound, so that no
     run that fits is refused: measured steps of the seed and other shapes took 1.2-1.5 times as much.
@@ -178,7 +179,10 @@ def training_memory(model_type, model_args, batch_size):
     cfg = module.GPTConfig(**model_args)
     with torch.device('meta'):
         n_params = sum(p.numel() for p in module.GPT(cfg).parameters())
-    return 16 * n_params + batch_size * cfg.block_size * (8 * cfg.vocab_size + cfg.n_layer * 68 * cfg.n_embd)
+    from baseline_model import ce_chunk_tokens
+    tokens = batch_size * cfg.block_size
+    logits = 8 * min(tokens, ce_chunk_tokens(cfg.vocab_size)) * cfg.vocab_size
+    return 16 * n_params + logits + tokens * (4 * cfg.n_embd + cfg.n_layer * 68 * cfg.n_embd)
 
 
 def available_memory(device):

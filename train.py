@@ -316,8 +316,8 @@ def estimate_loss():
             batches = (get_batch(split, gen) for _ in range(eval_iters))
         sums, weight = {}, 0.0
         for X, Y in batches:
-            with ctx:
-                _, _, stats = model(X, Y, return_stats=True)
+            with ctx:  # the loss alone, in chunks of tokens: no (B, T, vocab) logits
+                _, _, stats = model(X, Y, return_stats=True, return_logits=False)
             w = len(X) / batch_size  # 1 but for a last, smaller batch of windows
             sums = {k: sums.get(k, 0) + v.float() * w for k, v in stats.items()}
             weight += w
@@ -439,8 +439,8 @@ while True:
             train_model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         X, Y = get_batch('train', batch_gen)
         with ctx:
-            # [1:]: the (B, T, vocab) logits are not kept alive through backward
-            loss, stats = train_model(X, Y, return_stats=True)[1:]
+            # the loss computed a chunk of tokens at a time: the (B, T, vocab) logits are never held whole
+            _, loss, stats = train_model(X, Y, return_stats=True, return_logits=False)
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
