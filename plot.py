@@ -42,6 +42,8 @@ def load_run(out_dir):
         records = read_jsonl(path, warn=lambda msg: print(msg, file=sys.stderr))
     except RuntimeSetupError as e:
         raise PlotError(str(e))
+    except OSError as e:  # a directory, or a file this user cannot read
+        raise PlotError(f"cannot read {path}: {e.strerror or e}; it must be the run's metrics file")
     name = os.path.basename(os.path.normpath(out_dir))
     config_path = os.path.join(out_dir, 'config.json')
     if os.path.exists(config_path):

@@ -942,6 +942,9 @@ def check_matching():
                  f"the shapes")
 
 
+# a list of distinct finite numbers above (or from) 0
+DISTINCT = ("len(set(map(float, x.split(',')))) == len(x.split(',')) and "
+            "all({low} float(v) < float('inf') for v in x.split(','))")
 RULES = {
     'stages': ("len(x) > 0 and len(set(x.split(','))) == len(x.split(',')) and set(x.split(',')) <= "
                "{'tune', 's1', 'pilot', 's2'}", "a comma-separated list of tune, s1, pilot, s2, each once"),
@@ -949,12 +952,9 @@ RULES = {
     'pilot_seed': 'x >= 0', 'max_iters': 'x >= 1', 'eval_interval': 'x >= 1', 'warmup_iters': 'x >= 0',
     'train_tokens': 'x >= 1', 'train_tokens2': 'x >= 1', 'val_tokens': 'x >= 0',
     'vocab_size': ('257 <= x <= 50257', "257..50257 (the 256 byte tokens + merges + <|endoftext|>)"),
-    'lrs': ("len(set(float(v) for v in x.split(','))) == len(x.split(',')) and all(float(v) > 0 for v in x.split(','))",
-            "distinct positive learning rates, comma-separated, e.g. 1e-3,2e-3,4e-3"),
-    'penalties': ("len(set(float(v) for v in x.split(','))) == len(x.split(',')) and all(float(v) >= 0 for v in x.split(','))",
-                  "distinct penalty weights >= 0, comma-separated, e.g. 0,0.03,0.1,0.3"),
-    'pilot_factors': ("len(set(float(v) for v in x.split(','))) == len(x.split(',')) and all(float(v) > 0 for v in x.split(','))",
-                      "distinct positive factors, comma-separated, e.g. 0.5,1,2"),
+    'lrs': (DISTINCT.format(low='0 <'), "distinct positive finite learning rates, comma-separated, e.g. 1e-3,2e-3,4e-3"),
+    'penalties': (DISTINCT.format(low='0 <='), "distinct finite penalty weights >= 0, comma-separated, e.g. 0,0.03,0.1,0.3"),
+    'pilot_factors': (DISTINCT.format(low='0 <'), "distinct positive finite factors, comma-separated, e.g. 0.5,1,2"),
     'jobs': 'x >= 1', 'executor': "x in ('local', 'slurm', 'submitit_local')",
     'tuned': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),
     'rows': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),

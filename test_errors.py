@@ -6,6 +6,7 @@ The scripts run in this process (runpy, as `python script.py ...` would), so the
 import json
 import os
 import runpy
+import shlex
 import shutil
 import signal
 import subprocess
@@ -77,8 +78,11 @@ def bad_runs(tiny_run, tmp_path_factory):
     pickle, a run stopped before its first checkpoint, a directory named metrics.jsonl."""
     import torch
     root = tmp_path_factory.mktemp('bad_runs')
-    for name in ('copied_best', 'no_args', 'evil', 'no_ckpt', 'no_ckpt2', 'metrics_dir'):
+    for name in ('copied_best', 'no_args', 'evil', 'no_ckpt', 'no_ckpt2', 'metrics_dir', 'other_run', 'config_list'):
         shutil.copytree(tiny_run, root / name)
+    conf = json.load(open(root / 'other_run' / 'config.json'))  # its ckpt.pt as if copied from another run
+    json.dump(dict(conf, run_id='another-run'), open(root / 'other_run' / 'config.json', 'w'))
+    (root / 'config_list' / 'config.json').write_text('[1, 2]')  # valid JSON, not an object
     shutil.copy(root / 'copied_best' / 'best.pt', root / 'copied_best' / 'ckpt.pt')
     ckpt = torch.load(root / 'no_args' / 'ckpt.pt', weights_only=True)
     del ckpt['model_args']
@@ -162,6 +166,9 @@ ROWS = [
     ('train.py', RESUME + 'no_ckpt', 2, 'stopped before its first checkpoint (no ckpt.pt)'),
     ('train.py', RESUME.replace('--init_from=resume ', '') + 'no_ckpt2', 2, 'start it over with --overwrite=True'),
     ('train.py', RESUME + 'metrics_dir', 1, 'metrics.jsonl is not a plain file'),
+    ('train.py', RESUME + 'other_run', 2, 'belongs to another run (run_id '),
+    ('plot.py', '{runs}/metrics_dir --out={tmp}', 1, 'metrics.jsonl: Is a directory'),
+    ('plot.py', '{runs}/config_list --out={tmp}', 1, 'config.json is not a JSON object'),
     ('train.py', RESUME.replace('--out_dir={runs}/', '--out_dir={run}') + ' --seed=5', 2,
      'was trained with seed=1337 but this run has seed=5'),
     ('sample.py', '--out_dir={runs}/evil', 1, 'was refused as unsafe'),
@@ -190,8 +197,10 @@ ROWS = [
     # reproduce.py
     ('reproduce.py', '--seeds=0', 1, 'seeds must be >= 1'),
     ('reproduce.py', '--lrs=1e-3,abc', 1, "lrs: 'abc' is not a number"),
-    ('reproduce.py', '--lrs=1e-3,0.001', 1, 'lrs must be distinct positive learning rates'),
-    ('reproduce.py', '--penalties=0,-1', 1, 'penalties must be distinct penalty weights >= 0'),
+    ('reproduce.py', '--lrs=1e-3,0.001', 1, 'lrs must be distinct positive finite learning rates'),
+    ('reproduce.py', '--lrs=0,1e-3', 1, 'lrs must be distinct positive finite learning rates'),
+    ('reproduce.py', '--penalties=0,-1', 1, 'penalties must be distinct finite penalty weights >= 0'),
+    ('reproduce.py', '--pilot_factors=1,1e400', 1, 'pilot_factors must be distinct positive finite factors'),
     ('reproduce.py', '--rows=foo', 1, 'rows must be a comma-separated list of config names'),
     ('reproduce.py', '--rows=baseline,learned_shift0,baseline', 1, 'rows names a row twice'),
     ('reproduce.py', '--tuned=baseline --rows=learned_no_penalty', 1, 'add it to tuned or tune learned_shift0'),
@@ -303,3 +312,38 @@ def test_a_symlinked_lock_is_not_followed(tmp_path):
     with pytest.raises(RuntimeSetupError, match='is a symbolic link; remove it'):
         RunLock(str(tmp_path / 'run'))
     assert precious.read_text() == 'the user\'s file'
+
+
+@pytest.mark.slow
+def test_a_copied_best_pt_goes_on_with_resume_anyway(data_dir, tiny_run, tmp_path):
+    """The documented way on from a best.pt (no optimizer state): --resume_anyway=True trains from its
+    weights with a fresh optimizer, to the new max_iters."""
+    run = tmp_path / 'run'
+    shutil.copytree(tiny_run, run)
+    shutil.copy(run / 'best.pt', run / 'ckpt.pt')
+    args = RESUME.format(data=data_dir, runs=tmp_path).replace(f'--out_dir={tmp_path}/', f'--out_dir={tmp_path}/run')
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), *args.split(), '--max_iters=4',
+                        '--resume_anyway=True'], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    import torch
+    assert torch.load(run / 'ckpt.pt', weights_only=True)['iter_num'] == 4
+
+
+@pytest.mark.slow
+def test_sample_into_a_closed_pipe_exits_quietly(tiny_run):
+    """sample.py | head -n1: the reader goes away; no BrokenPipeError traceback."""
+    r = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'sample.py'))} "
+                       f"--out_dir={shlex.quote(tiny_run)} --num_samples=50 --max_new_tokens=200 | head -n1",
+                       shell=True, capture_output=True, text=True, timeout=240, executable='/bin/bash')
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
+    assert 'Traceback' not in r.stderr and 'BrokenPipe' not in r.stderr, r.stderr
+
+
+def test_plot_skips_empty_and_null_metrics_lines(tiny_run, tmp_path, capsys):
+    """plot.py on a metrics file with {} and null lines: they are left out; the charts are drawn."""
+    folder = tmp_path / 'run'
+    shutil.copytree(tiny_run, folder)
+    with open(folder / 'metrics.jsonl', 'a') as f:
+        f.write('{}\nnull\n')
+    code, _, err = run(capsys, 'plot.py', folder, f'--out={tmp_path}')
+    assert code == 0 and 'Traceback' not in err and (tmp_path / 'curves.png').stat().st_size > 0

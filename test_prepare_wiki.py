@@ -154,6 +154,44 @@ def test_txt_files(tmp_path):
     check_output(tmp_path / 't', DOCS)
 
 
+def test_repeated_files_read_once_and_a_literal_separator_is_text(tmp_path, capsys):
+    """a.txt named twice (and again by a glob) is read once, so no document lands in both splits; an
+    <|endoftext|> inside a line is text, not a document break."""
+    (tmp_path / 'a.txt').write_text('\n<|endoftext|>\n'.join(DOCS))
+    prepare('--source=files', '--files', str(tmp_path / 'a.txt'), str(tmp_path / 'a.txt'), str(tmp_path / '*.txt'),
+            f'--data_dir={tmp_path}', '--name=t')
+    assert 'given more than once' in capsys.readouterr().err
+    check_output(tmp_path / 't', DOCS)
+    docs = DOCS + ['one <|endoftext|> two', 'three<|endoftext|>']
+    (tmp_path / 'b.txt').write_text('\n<|endoftext|>\n'.join(docs))
+    prepare('--source=files', '--files', str(tmp_path / 'b.txt'), f'--data_dir={tmp_path}', '--name=b')
+    got = []
+    for split in ('train', 'val'):  # documents end at the <|endoftext|> token, whatever their text holds
+        ids = np.array(read_split(tmp_path / 'b', split))
+        ends = np.flatnonzero(ids == EOT)
+        got += [get_gpt2().decode(d.tolist()) for d in np.split(ids, ends + 1)[:-1]]
+    assert sorted(d.removesuffix('<|endoftext|>') for d in got) == sorted(docs)
+
+
+def test_a_second_preparation_of_the_same_folder_is_refused(tmp_path):
+    """Two processes writing one dataset could mix their files: the second is refused while the first holds
+    the folder's lock (taken here by a RunLock held in this process's child)."""
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; sys.path.insert(0, sys.argv[1]); from runtime '
+                               'import RunLock; import os; os.makedirs(sys.argv[2], exist_ok=True); '
+                               'lock = RunLock(sys.argv[2]); print("locked", flush=True); time.sleep(60)',
+                               os.path.dirname(os.path.abspath(prepare_wiki.__file__)), str(tmp_path / 'x')],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        (tmp_path / 'a.txt').write_text('\n<|endoftext|>\n'.join(DOCS))
+        with pytest.raises(SystemExit, match=r'is in use by another run \(pid \d+\); wait for it to finish'):
+            prepare('--source=files', '--files', str(tmp_path / 'a.txt'), f'--data_dir={tmp_path}', '--name=x')
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / 'x' / 'train.bin').exists()
+
+
 def test_jsonl_file(tmp_path):
     with open(tmp_path / 'd.jsonl', 'w') as f:
         for d in DOCS:
