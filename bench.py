@@ -13,6 +13,7 @@ $ python bench.py --train=False                 # generation only
 
 import dataclasses
 import os
+import re
 import runpy
 import sys
 import time
@@ -30,6 +31,7 @@ dtype = 'auto'  # precision(s) to time, comma-separated, e.g. float32,bfloat16; 
 shapes = 'seed,quick'  # seed: the 26-layer models of METHOD.md section 6; quick: config/quick_*.py; small: SMALL_ARGS
 models = 'learned,baseline'  # learned, baseline, and any config/<name>.py: moe_params at seed shapes, baseline_dropout0.2 at seed or small
 modes = 'eager,compiled'  # eager and/or torch.compile
+loss = 'chunked'  # the training loss's output layer: 'chunked' (train.py's, no whole logits) and/or 'full'
 batch_size = 0  # micro-batch; 0: 50 (the seed's) on CUDA, 8 on CPU
 threads = 0  # CPU threads (torch.set_num_threads); 0: torch's default (one per core)
 steps = 4  # timed steps per model per round
@@ -69,7 +71,8 @@ def model_spec(name, shape):
     c = runpy.run_path(os.path.join(HERE, 'config', files.get(name, name) + '.py'))
     model_type = c.get('model_type', 'learned')
     fields = {f.name for f in dataclasses.fields(model_module(model_type).GPTConfig)}
-    args = dict(block_size=200, vocab_size=50257)
+    cut = re.fullmatch(r'wiki_sample_v(\d+)', c.get('dataset', ''))  # a config on a cut vocabulary (the quick ones)
+    args = dict(block_size=200, vocab_size=int(cut[1]) if cut else 50257)
     args.update({k: v for k, v in c.items() if k in fields and k != 'vocab_size'})
     if shape == 'small':
         if model_type not in SMALL_ARGS:
@@ -90,18 +93,19 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def make_step(m, opt, ctx):
-    """train.py's step: forward with statistics, the loss in chunks without the whole logits, AdamW."""
+def make_step(m, opt, ctx, chunked=True):
+    """train.py's step: forward with statistics, the loss in chunks without the whole logits (chunked=False:
+    the full logits, then cross-entropy), AdamW."""
     def step(x, y):
         with ctx:
-            loss = m(x, y, return_stats=True, return_logits=False)[1]
+            loss = m(x, y, return_stats=True, return_logits=not chunked)[1]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def cpu_peak_rss(model_type, args, B, dt):
+def cpu_peak_rss(model_type, args, B, dt, chunked=True):
     """Peak resident memory (MiB, VmHWM) of a fresh process that runs this model's training step: on a
     CPU there is no allocator counter, and a shared process would mix the models' peaks (ru_maxrss
     would even carry this process's peak across fork+exec). glibc's default allocation (no
@@ -110,7 +114,7 @@ def cpu_peak_rss(model_type, args, B, dt):
     code = (f"import sys, torch; sys.path.insert(0, {HERE!r}); import bench, runtime; "
             f"torch.set_flush_denormal(True); m, o = bench.build({model_type!r}, {args!r}, 'cpu'); "
             f"x = torch.randint(0, {args['vocab_size']}, ({B}, {args['block_size']})); "
-            f"s = bench.make_step(m, o, runtime.autocast({dt!r}, 'cpu')); s(x, x); s(x, x); "
+            f"s = bench.make_step(m, o, runtime.autocast({dt!r}, 'cpu'), {chunked!r}); s(x, x); s(x, x); "
             f"print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     return int(r.stdout.split()[-1]) / 1024 if r.returncode == 0 else float('nan')
@@ -119,23 +123,26 @@ def cpu_peak_rss(model_type, args, B, dt):
 def bench_train(shape, mode, dev, dtypes, B):
     """Median seconds per training step of every (model, dtype), alternating them round by round so
     that their ratios hold on a noisy machine; plus parameters, FLOPs, MFU and peak memory."""
-    names = models.split(',')
+    names, paths = models.split(','), loss.split(',')
     T, V = (model_spec(names[0], shape)[1][k] for k in ('block_size', 'vocab_size'))
     x = torch.randint(0, V, (B, T), device=dev)
     live, rows = {}, {}
     for name in names:
         model_type, args = model_spec(name, shape)
-        for dt in dtypes:
-            m, opt = build(model_type, args, dev)
-            step = make_step(torch.compile(m) if mode == 'compiled' else m, opt, autocast(dt, dev.split(':')[0]))
-            t0 = time.time()
-            for _ in range(2):  # warm-up (and compilation)
-                step(x, x)
-            sync(dev)
-            live[name, dt] = (m, step, model_type, args)
-            rows[name, dt] = {'times': [], 'warmup_s': time.time() - t0}
+        for path in paths:  # with both loss paths, a model's label says which: learned/full
+            label = name if len(paths) == 1 else f'{name}/{path}'
+            for dt in dtypes:
+                m, opt = build(model_type, args, dev)
+                step = make_step(torch.compile(m) if mode == 'compiled' else m, opt, autocast(dt, dev.split(':')[0]),
+                                 path == 'chunked')
+                t0 = time.time()
+                for _ in range(2):  # warm-up (and compilation)
+                    step(x, x)
+                sync(dev)
+                live[label, dt] = (m, step, model_type, args, path == 'chunked')
+                rows[label, dt] = {'times': [], 'warmup_s': time.time() - t0}
     for _ in range(rounds):
-        for key, (m, step, _, _) in live.items():
+        for key, (m, step, *_) in live.items():
             if dev.startswith('cuda'):
                 torch.cuda.reset_peak_memory_stats(dev)
             sync(dev)
@@ -147,7 +154,7 @@ def bench_train(shape, mode, dev, dtypes, B):
             if dev.startswith('cuda'):
                 rows[key]['mem_mib'] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     peak = peak_flops(dev)
-    for (name, dt), (m, _, model_type, args) in live.items():
+    for (name, dt), (m, _, model_type, args, chunked) in live.items():
         r = rows[name, dt]
         r['s'] = sorted(r['times'])[len(r['times']) // 2]
         r['tok_s'] = B * T / r['s']
@@ -156,7 +163,7 @@ def bench_train(shape, mode, dev, dtypes, B):
         r['active'] = m.get_num_active_params() if hasattr(m, 'get_num_active_params') else r['params']
         r['mfu'] = m.estimate_mfu(B, r['s'], peak) if peak else None
         if 'mem_mib' not in r:
-            r['mem_mib'] = cpu_peak_rss(model_type, args, B, dt) if mode == 'eager' and memory else None
+            r['mem_mib'] = cpu_peak_rss(model_type, args, B, dt, chunked) if mode == 'eager' and memory else None
     return rows
 
 
@@ -194,6 +201,8 @@ RULES = {
     'shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick', 'small'}", "a comma-separated list of seed, quick, small"),
     'gen_shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick'}", "a comma-separated list of seed, quick"),
     'modes': ("len(x) > 0 and set(x.split(',')) <= {'eager', 'compiled'}", "a comma-separated list of eager, compiled"),
+    'loss': ("len(x) > 0 and len(set(x.split(','))) == len(x.split(',')) and set(x.split(',')) <= {'chunked', 'full'}",
+             "chunked, full or chunked,full"),
     'gen_prompts': ("all(p.strip().isdigit() and int(p) >= 1 for p in x.split(','))",
                     "a comma-separated list of prompt lengths >= 1, e.g. 1,128"),
     'batch_size': 'x >= 0', 'steps': 'x >= 1', 'rounds': 'x >= 1', 'gen_tokens': 'x >= 1',
@@ -204,7 +213,7 @@ RULES = {
 def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
-            'device', 'dtype', 'shapes', 'models', 'modes', 'batch_size', 'threads', 'steps', 'rounds', 'memory',
+            'device', 'dtype', 'shapes', 'models', 'modes', 'loss', 'batch_size', 'threads', 'steps', 'rounds', 'memory',
             'train', 'generate', 'gen_shapes', 'gen_tokens', 'gen_prompts', 'seed_run_steps', 'seed_run_accum')},
             sys.argv[1:], __file__, __doc__, RULES))
         dev = pick_device(device)
@@ -225,7 +234,7 @@ def main():
                 check_memory(*model_spec(n, shape), B, dev, "lower --batch_size")
     except (ShapeError, RuntimeSetupError) as e:
         sys.exit(f"bench.py: error: {e}")
-    step_ratios, flop_ratios, dtype_speedups, gen_speedups = [], [], [], []
+    step_ratios, flop_ratios, dtype_speedups, gen_speedups, chunk_speedups = [], [], [], [], []
     if train:
         for shape in shapes.split(','):
             print(f"\n{shape} shapes: micro-batch {B} x {model_spec('learned', shape)[1]['block_size']} tokens")
@@ -239,15 +248,21 @@ def main():
                     print(f"{mode:9} {d:9} {kind:19} {r['params']:>11,} {r['active']:>11,} {r['s'] * 1000:>9.1f} "
                           f"{r['tok_s']:>9,.0f} {mem:>9} {r['flops_tok'] / 1e9:>9.3f} {mfu:>6} {r['warmup_s']:>9.1f}")
                 for d in dtypes:
-                    base = rows[('baseline', d)] if ('baseline', d) in rows else None
                     for (kind, d2), r in rows.items():
-                        if d2 != d or kind == 'baseline' or base is None:
+                        base_key = ('baseline' + kind[len(kind.split('/')[0]):], d)  # the same loss path
+                        base = rows.get(base_key)
+                        if d2 != d or (kind, d2) == base_key or base is None:
                             continue
                         ratio, flops = r['s'] / base['s'], r['flops_tok'] / base['flops_tok']
                         print(f"{'':9} {d:9} {kind}/baseline: step time {ratio:.3f}x, FLOPs {flops:.3f}x")
                         step_ratios.append(f"{shape}/{mode}/{d} {kind} {ratio:.3f}x")
                         if mode == modes.split(',')[0] and d == dtypes[0]:
                             flop_ratios.append(f"{shape} {kind} {flops:.3f}x")
+                for (kind, d), r in rows.items():  # what the chunked loss buys (with loss=chunked,full)
+                    if kind.endswith('/full') and (kind[:-5] + '/chunked', d) in rows:
+                        up = r['s'] / rows[kind[:-5] + '/chunked', d]['s']
+                        print(f"{'':9} {d:9} {kind[:-5]}: chunked loss is {up:.2f}x the speed of the full logits")
+                        chunk_speedups.append(f"{shape}/{mode}/{d} {kind[:-5]} {up:.2f}x")
                 for d in dtypes[1:]:
                     for kind in dict.fromkeys(k for k, _ in rows):
                         up = rows[kind, dtypes[0]]['s'] / rows[kind, d]['s']
@@ -267,6 +282,7 @@ def main():
     parts = [(f"step time vs baseline {', '.join(step_ratios)}", train and step_ratios),
              (f"FLOP ratio {', '.join(flop_ratios)}", train and flop_ratios),
              (f"dtype speed-up {', '.join(dtype_speedups)}", train and dtype_speedups),
+             (f"chunked-loss speed-up {', '.join(chunk_speedups)}", train and chunk_speedups),
              (f"KV-cache generation speed-up {', '.join(gen_speedups)}", generate)]
     print('summary: ' + '; '.join(p for p, on in parts if on))
 

@@ -567,3 +567,53 @@ def test_auto_dtype_on_a_cpu(monkeypatch):
     assert runtime.pick_dtype('float32', 'cpu') == 'float32'
     monkeypatch.setattr(runtime, 'cpu_has_fast_bf16', lambda: False)
     assert runtime.pick_dtype('auto', 'cpu') == 'float32'
+
+
+# ---------------------------------------------------------------------------- how a run ends, what it advises
+
+@pytest.mark.slow
+def test_a_run_ends_with_a_summary_and_the_next_commands(data_dir, tmp_path):
+    """The last lines: iterations and time, the best evaluation and the final losses (as in metrics.jsonl),
+    the process's peak memory, where the checkpoints are, and the commands that sample, plot and extend it."""
+    out = tmp_path / 'out'
+    r = ok(train(data_dir, out, '--max_iters=4', '--eval_interval=2', '--warmup_iters=1'))
+    evals = [x for x in records(out) if 'val/loss' in x]
+    best = min(evals, key=lambda x: x['val/loss'])
+    done = next(line for line in r.stdout.splitlines() if line.startswith('done: '))
+    assert done.startswith('done: 4 iterations, ') and f"best val loss {best['val/loss']:.4f} at iter {best['iter']}" in done
+    assert f"final train loss {evals[-1]['train/loss']:.4f}, val loss {evals[-1]['val/loss']:.4f} (iter 4)" in done
+    assert re.search(r'; peak memory [\d,]+ MiB$', done)
+    assert f'checkpoints: {out}/ckpt.pt (latest, resumable), {out}/best.pt (best val)' in r.stdout
+    assert f'next: python sample.py --out_dir={out}' in r.stdout and f'python plot.py {out}' in r.stdout
+    longer = next(line for line in r.stdout.splitlines() if line.endswith('(train longer)')).split('   (')[0].split()
+    assert '--max_iters=8' in longer and '--init_from=resume' in longer and '--max_iters=4' not in longer
+    assert re.search(r'saved \S+ckpt\.pt and best\.pt \(best val so far\)', r.stdout)
+    r = ok(subprocess.run(longer, capture_output=True, text=True, timeout=240, cwd=HERE))  # the advice works
+    assert 'done: 8 iterations' in r.stdout
+
+
+def test_the_offline_try_keeps_the_users_settings_and_warms_up_within_the_run():
+    """Without Wikipedia, the advice to try a seed config on the embedded sample keeps what the user gave
+    (an explicit --compile=True, their batch size), fills in the rest from TRY_SETTINGS, warms up within
+    its own run so that the learning rate peaks and the masks move, and says how long it takes."""
+    import shlex
+    from runtime import TRY_SETTINGS, missing_data_hint
+    hint = missing_data_hint('data', 'wikipedia', ['config/learned_shift0.py', '--compile=True', '--batch_size', '16'],
+                             'learned')
+    cmd = shlex.split(hint.split(': ', 1)[1])
+    assert cmd[:3] == ['python', 'train.py', 'config/learned_shift0.py'] and '--dataset=wiki_sample' in cmd
+    assert '--compile=True' in cmd and '--compile=False' not in cmd  # the user's explicit choice stands
+    assert cmd[cmd.index('--batch_size') + 1] == '16' and '--batch_size=4' not in cmd
+    settings = dict(a[2:].split('=', 1) for a in cmd if a.startswith('--') and '=' in a)
+    assert int(settings['warmup_iters']) < int(settings['max_iters']) == TRY_SETTINGS['max_iters']
+    assert 'minutes' in hint
+
+
+def test_forced_bf16_on_a_cpu_without_it_warns(monkeypatch, capsys):
+    import runtime
+    monkeypatch.setattr(runtime, 'cpu_has_fast_bf16', lambda: False)
+    assert runtime.pick_dtype('bfloat16', 'cpu') == 'bfloat16'
+    assert 'is emulated and slower than float32' in capsys.readouterr().err
+    assert runtime.pick_dtype('auto', 'cpu') == 'float32' and capsys.readouterr().err == ''
+    monkeypatch.setattr(runtime, 'cpu_has_fast_bf16', lambda: True)
+    assert runtime.pick_dtype('bfloat16', 'cpu') == 'bfloat16' and capsys.readouterr().err == ''

@@ -514,6 +514,11 @@ if master_process and exit_code == 0 and not eval_only:  # how the run ended, an
         best = min(evals, key=lambda r: r[select_key])
         line += (f"; best {name} loss {best[select_key]:.4f} at iter {best['iter']}; final train loss "
                  f"{evals[-1]['train/loss']:.4f}, val loss {evals[-1]['val/loss']:.4f} (iter {evals[-1]['iter']})")
+    if device_type == 'cuda':
+        line += f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 20:,.0f} MiB"
+    else:  # this process's own peak (Linux reports KiB); torch.compile's worker processes are not in it
+        import resource
+        line += f"; peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
     print(line)
     print(f"checkpoints: {ckpt_path} (latest, resumable), {os.path.join(out_dir, 'best.pt')} (best {name})")
     longer = command_line('train.py', cli_args, ('max_iters', 'init_from', 'overwrite'), [f'--max_iters={2 * max_iters}',

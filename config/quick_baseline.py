@@ -1,8 +1,9 @@
-# Plain GPT baseline (no dropout) on the embedded Wikipedia sample, sized for the quickstart on a CPU (README,
-# Quickstart, says how long it takes): python prepare_wiki.py --source=sample && python train.py config/quick_baseline.py
-# The 50257-word output layer dominates the cost at this size, so the model is narrow and steps are short.
+# Plain GPT baseline (no dropout) on the embedded Wikipedia sample, sized for the quickstart on a CPU (README, Quickstart,
+# says how long it takes): python train.py config/quick_baseline.py (it prepares the data on first use).
+# The data is tokenized with GPT-2's BPE cut to its first 4,095 ranks + <|endoftext|> (prepare_wiki.py
+# --vocab_size=4096): at this size a 50,257-word output layer would cost most of each step.
 out_dir = 'out/quick_baseline'
-dataset = 'wiki_sample'
+dataset = 'wiki_sample_v4096'  # python prepare_wiki.py --source=sample --vocab_size=4096 (train.py runs it)
 model_type = 'baseline'
 n_layer = 4
 n_embd = 64
