@@ -38,12 +38,12 @@ Design, declared before any run (results/study/REPORT.md gives the reasons):
   s2: rows2 (best_dropout: the best dropout rate) x seeds2 at S2, each at its S1 rate x that factor.
 - statistics: per size, the declared comparisons (COMPARISONS), paired by seed: mean difference, 95%
   t-interval, two-sided p (scipy.stats.t), Holm-corrected together per size (family-wise 5%).
-- masks: the best evaluation's weights of every learned run are kept (model.pt, weights only) and
-  mask_analysis.py runs on them over val_test.
+- masks: the best evaluation's weights of every learned run of s1 and s2 are kept (model.pt, weights
+  only) and mask_analysis.py runs on them over val_test.
 - cost: parameters, FLOPs per token, median ms per step, wall time per run.
 
 Runs train in out_root/<stage>/<name>/ (an interrupted run resumes from its ckpt.pt); a finished run's
-metrics.jsonl and config.json (and a learned run's model.pt and mask analysis) are copied to
+metrics.jsonl and config.json (and a main learned run's model.pt and mask analysis) are copied to
 results_dir/<stage>/<name>/. The tables go to results_dir/results.md and .csv, the charts to results_dir.
 """
 
@@ -401,7 +401,7 @@ def finish_run(run, code):
     from runtime import tmp_name
     dst = run['dst']
     os.makedirs(dst, exist_ok=True)
-    if row_config(run['row']).get('model_type') == 'learned':
+    if run['stage'] in ('s1', 's2') and row_config(run['row']).get('model_type') == 'learned':  # main runs only
         keep_weights(out_dir, dst)
         analyse_masks(dst)
     for f in ('config.json', 'metrics.jsonl'):  # metrics.jsonl last: it marks the run finished

@@ -100,7 +100,7 @@ def test_a_static_mask_is_all_between_channels():
 
 
 @pytest.mark.slow
-def test_command_line_on_a_run(data_dir, tmp_path):
+def test_command_line_on_a_run(data_dir, tmp_path, monkeypatch):
     run = tmp_path / 'run'
     subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--dataset=wiki_sample', f'--data_dir={data_dir}',
                     f'--out_dir={run}', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=32', '--batch_size=4',
@@ -112,13 +112,14 @@ def test_command_line_on_a_run(data_dir, tmp_path):
     report = json.load(open(run / 'mask_analysis_ckpt_val.json'))
     assert len(report['layers']) == 2 and report['mask_class'] == 'LearnedDropout' and report['tokens'] == 20 * 32
     assert f"{report['ce']:.4f}" in r.stdout
-    # a half of val's documents, as train.py's eval_halves deals them: every window of it
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'mask_analysis.py'), f'--out_dir={run}', '--split=val_test',
-                        '--draws=1'], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    # a half of val's documents, as train.py's eval_halves deals them: the windows are that half's
     half = val_halves(os.path.join(data_dir, 'wiki_sample', 'val.bin'), 50256, 32)['val_test']
+    seen, every_window = [], mask_analysis.every_window
+    monkeypatch.setattr(mask_analysis, 'every_window', lambda data, *a: seen.append(data) or every_window(data, *a))
+    mask_analysis.main([f'--out_dir={run}', '--split=val_test', '--draws=1', '--max_windows=10'])
+    assert len(seen) == 1 and (seen[0] == half).all()
     report = json.load(open(run / 'mask_analysis_ckpt_val_test.json'))
-    assert report['tokens'] == (len(half) - 1) // 32 * 32
+    assert report['tokens'] == 10 * 32 and report['split'] == 'val_test'
     baseline = tmp_path / 'base'
     subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--model_type=baseline', '--dataset=wiki_sample',
                     f'--data_dir={data_dir}', f'--out_dir={baseline}', '--n_layer=1', '--n_embd=16', '--n_head=1',
