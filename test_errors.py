@@ -292,15 +292,19 @@ def test_ids_check_names_the_largest_id(capsys, bad_data):
 
 @pytest.mark.slow
 def test_overwrite_deletes_nothing_before_everything_is_checked(capsys, data_dir, tiny_run, tmp_path):
-    """--overwrite=True with a configuration that cannot build its model fails before deleting the run."""
+    """--overwrite=True with a configuration that cannot build its model, data that is not there, or a
+    step that cannot fit in memory fails before deleting the run."""
     d = tmp_path / 'run'
     shutil.copytree(tiny_run, d)
-    before = {f: (d / f).read_bytes() for f in ('ckpt.pt', 'best.pt', 'metrics.jsonl')}
-    code, _, err = run(capsys, 'train.py', '--dataset=wiki_sample', f'--data_dir={data_dir}', f'--out_dir={d}',
-                       '--n_layer=1', '--n_embd=16', '--n_head=3', '--block_size=16', '--compile=False',
-                       '--overwrite=True')
-    assert code == 2 and 'n_embd (16) must be divisible by n_head (3)' in err
-    assert all((d / f).read_bytes() == b for f, b in before.items())
+    before = {f: (d / f).read_bytes() for f in ('ckpt.pt', 'best.pt', 'metrics.jsonl', 'config.json')}
+    base = ['--dataset=wiki_sample', f'--data_dir={data_dir}', f'--out_dir={d}', '--n_layer=1', '--n_embd=16',
+            '--n_head=1', '--block_size=16', '--compile=False', '--overwrite=True']
+    for extra, fragment in ((['--n_head=3'], 'n_embd (16) must be divisible by n_head (3)'),
+                            ([f'--data_dir={tmp_path}/nothing', '--dataset=mine'], 'no prepared data'),
+                            (['--batch_size=40000000'], 'needs at least about')):
+        code, _, err = run(capsys, 'train.py', *base, *extra)
+        assert code != 0 and fragment in err, err
+        assert all((d / f).read_bytes() == b for f, b in before.items()), extra
 
 
 def test_a_symlinked_lock_is_not_followed(tmp_path):
@@ -347,3 +351,52 @@ def test_plot_skips_empty_and_null_metrics_lines(tiny_run, tmp_path, capsys):
         f.write('{}\nnull\n')
     code, _, err = run(capsys, 'plot.py', folder, f'--out={tmp_path}')
     assert code == 0 and 'Traceback' not in err and (tmp_path / 'curves.png').stat().st_size > 0
+
+
+def test_a_full_disk_while_appending_metrics_keeps_the_earlier_lines(tmp_path, monkeypatch):
+    """metrics.jsonl on a full disk: the half-written line is undone, one line says so."""
+    import errno
+    import runtime
+    path = tmp_path / 'metrics.jsonl'
+    runtime.append_json_line({'iter': 0, 'loss': 1.0}, str(path))
+    before = path.read_bytes()
+    real_write = os.write
+
+    def full(fd, data):  # a few bytes go in, then the disk is full
+        if len(data) > 8:
+            real_write(fd, data[:8])
+            return 8
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(os, 'write', full)
+    with pytest.raises(runtime.RuntimeSetupError, match='no space left on device while appending to .*earlier lines are intact'):
+        runtime.append_json_line({'iter': 1, 'loss': 0.5}, str(path))
+    monkeypatch.setattr(os, 'write', real_write)
+    assert path.read_bytes() == before
+
+
+def test_empty_and_null_metrics_lines_are_left_out_on_resume(tmp_path):
+    """A resumed run's metrics.jsonl with {} and null lines (an edited file): left out with a warning."""
+    import runtime
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"iter": 0, "loss": 2.0}\n{}\nnull\n{"iter": 1, "loss": 1.5}\n{"iter": 3, "loss": 1.0}\n')
+    warnings = []
+    runtime.trim_metrics(str(path), 2, -1, warn=warnings.append)
+    assert [json.loads(x)['iter'] for x in path.read_text().splitlines()] == [0, 1]
+    assert any('left out 2 line(s)' in w for w in warnings)
+
+
+def test_plot_on_a_full_disk_keeps_the_previous_chart(tiny_run, tmp_path, monkeypatch, capsys):
+    import errno
+    import matplotlib.figure
+    code, _, _ = run(capsys, 'plot.py', tiny_run, f'--out={tmp_path}')
+    before = (tmp_path / 'curves.png').read_bytes()
+
+    def full(self, fname, **kw):
+        with open(fname, 'wb') as f:
+            f.write(b'\x89PNG partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', full)
+    code, _, err = run(capsys, 'plot.py', tiny_run, f'--out={tmp_path}')
+    assert code == 1 and 'no space left on device while writing' in err and 'the previous chart is intact' in err
+    assert len(err.strip().splitlines()) == 1 and (tmp_path / 'curves.png').read_bytes() == before
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
