@@ -32,6 +32,7 @@ shapes = 'seed,quick'  # seed: the 26-layer models of METHOD.md section 6; quick
 models = 'learned,baseline'  # learned, baseline, and any config/<name>.py: moe_params at seed shapes, baseline_dropout0.2 at seed or small
 modes = 'eager,compiled'  # eager and/or torch.compile
 loss = 'chunked'  # the training loss's output layer: 'chunked' (train.py's, no whole logits) and/or 'full'
+vocab_size = 0  # 0: each shape's own (quick: its config's 4,096-id data; seed: GPT-2's 50,257); or any size
 batch_size = 0  # micro-batch; 0: 50 (the seed's) on CUDA, 8 on CPU
 threads = 0  # CPU threads (torch.set_num_threads); 0: torch's default (one per core)
 steps = 4  # timed steps per model per round
@@ -78,6 +79,8 @@ def model_spec(name, shape):
         if model_type not in SMALL_ARGS:
             raise ShapeError(f"{name} has no small shape (small: learned and baseline models)")
         args.update(SMALL_ARGS[model_type])
+    if vocab_size:
+        args['vocab_size'] = vocab_size
     return model_type, args
 
 
@@ -197,7 +200,7 @@ RULES = {
               "a comma-separated list of auto, float32, bfloat16, float16"),
     'models': (f"len(x) > 0 and set(x.split(',')) <= {set(SEED_FILES) | CONFIG_NAMES!r}",
                "a comma-separated list of learned, baseline or the names of config/ files"),
-    'threads': 'x >= 0',
+    'threads': 'x >= 0', 'vocab_size': ('x == 0 or 257 <= x <= 65536', '0 or 257..65536 (ids are uint16)'),
     'shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick', 'small'}", "a comma-separated list of seed, quick, small"),
     'gen_shapes': ("len(x) > 0 and set(x.split(',')) <= {'seed', 'quick'}", "a comma-separated list of seed, quick"),
     'modes': ("len(x) > 0 and set(x.split(',')) <= {'eager', 'compiled'}", "a comma-separated list of eager, compiled"),
@@ -213,7 +216,7 @@ RULES = {
 def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
-            'device', 'dtype', 'shapes', 'models', 'modes', 'loss', 'batch_size', 'threads', 'steps', 'rounds', 'memory',
+            'device', 'dtype', 'shapes', 'models', 'modes', 'loss', 'vocab_size', 'batch_size', 'threads', 'steps', 'rounds', 'memory',
             'train', 'generate', 'gen_shapes', 'gen_tokens', 'gen_prompts', 'seed_run_steps', 'seed_run_accum')},
             sys.argv[1:], __file__, __doc__, RULES))
         dev = pick_device(device)

@@ -193,6 +193,8 @@ ROWS = [
     ('bench.py', '--gen_prompts=abc', 1, 'gen_prompts must be a comma-separated list of prompt lengths'),
     ('bench.py', '--device=bogus', 1, "device 'bogus' is not available here"),
     ('bench.py', '--models=moe_params --shapes=quick', 1, 'moe_params has no quick shape'),
+    ('bench.py', '--vocab_size=100', 1, 'vocab_size must be 0 or 257..65536'),
+    ('bench.py', '--loss=chunked,chunked', 1, 'loss must be chunked, full or chunked,full'),
     ('bench.py', '--models=moe_flops --shapes=small', 1, 'moe_flops has no small shape'),
     # reproduce.py
     ('reproduce.py', '--seeds=0', 1, 'seeds must be >= 1'),

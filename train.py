@@ -520,7 +520,8 @@ if master_process and exit_code == 0 and not eval_only:  # how the run ended, an
         import resource
         line += f"; peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"
     print(line)
-    print(f"checkpoints: {ckpt_path} (latest, resumable), {os.path.join(out_dir, 'best.pt')} (best {name})")
+    best_path = os.path.join(out_dir, 'best.pt')  # none when no evaluation after step 0 improved on it
+    print(f"checkpoints: {ckpt_path} (latest, resumable)" + (f", {best_path} (best {name})" if os.path.exists(best_path) else ''))
     longer = command_line('train.py', cli_args, ('max_iters', 'init_from', 'overwrite'), [f'--max_iters={2 * max_iters}',
                                                                              '--init_from=resume'])
     print(f"next: {command_line('sample.py', [f'--out_dir={out_dir}'])}\n      {command_line('plot.py', [out_dir])}\n"
