@@ -557,14 +557,16 @@ def result(t):
 
 
 def choose(cells):
-    """cells {value: [task per seed]} -> ({value: mean best val_select CE}, the lowest value, or None while a
-    cell is unfinished)."""
-    scores = {}
+    """cells {value: [task per seed]} -> ({value: mean best val_select CE} of the finished cells, the lowest
+    value or None while a cell is unfinished, {value: (mean, seeds finished)} of the part-finished cells)."""
+    scores, partial = {}, {}
     for value, tasks in cells.items():
-        eps = [result(t) for t in tasks]
-        if all(eps):
+        eps = [e for e in map(result, tasks) if e]
+        if len(eps) == len(tasks):
             scores[value] = statistics.mean(e['select'] for e in eps)
-    return scores, (min(scores, key=scores.get) if len(scores) == len(cells) else None)
+        elif eps:
+            partial[value] = (statistics.mean(e['select'] for e in eps), len(eps))
+    return scores, (min(scores, key=scores.get) if len(scores) == len(cells) else None), partial
 
 
 def tuning():
@@ -574,12 +576,12 @@ def tuning():
         return [task('tune', f'{row}_lr{lr:g}{tag}_s{tune_seed0 + k}', row,
                      run_settings(row, 'S1', tune_seed0 + k, lr, extra)) for k in range(tune_seeds)]
     base, keyed = sorted(floats(lrs)), []  # (phase, seed, order, task)
-    lr, scores = {}, {}
+    lr, scores, partial = {}, {}, {}
     for i, row in enumerate(tuned.split(',')):
         grid = list(base)
         while True:
             cells = {x: cell(row, x) for x in grid}
-            scores[row], best = choose(cells)
+            scores[row], best, partial[row] = choose(cells)
             if best is not None and best == grid[0] == base[0]:  # the best rate at an edge: one more beyond it
                 grid.insert(0, best / 2)
             elif best is not None and best == grid[-1] == base[-1]:
@@ -588,7 +590,8 @@ def tuning():
                 break
         lr[row] = best
         keyed += [(0 if x in base else 1, k, i, t) for x in grid for k, t in enumerate(cells[x])]
-    choice = {'lr': lr, 'scores': scores, 'penalty': None, 'penalty_scores': {}, 'keep': None, 'best_dropout': None}
+    choice = {'lr': lr, 'scores': scores, 'partial': partial, 'penalty': None, 'penalty_scores': {},
+              'penalty_partial': {}, 'keep': None, 'best_dropout': None}
     own = row_config(METHOD)['penalty_coeff']
     if METHOD not in lr:  # not tuned: the penalised rows keep their config's weight
         choice['penalty'] = own
@@ -596,7 +599,7 @@ def tuning():
         cells = {p: (cell(METHOD, lr[METHOD]) if p == own else
                      cell(METHOD, lr[METHOD], {'penalty_coeff': p}, f'_pen{p:g}')) for p in floats(penalties)}
         keyed += [(2, k, 0, t) for p, c in cells.items() if p != own for k, t in enumerate(c)]
-        choice['penalty_scores'], choice['penalty'] = choose(cells)
+        choice['penalty_scores'], choice['penalty'], choice['penalty_partial'] = choose(cells)
         if choice['penalty'] is not None:
             choice['keep'] = statistics.mean(result(t)['keep_train'] for t in cells[choice['penalty']])
     rates = [r for r in DROPOUT_ROWS if r in lr]
@@ -750,6 +753,13 @@ def differences(done, pairs):
     return stats, rejected
 
 
+def cell_text(scores, partial, value):
+    """A tuning cell: its mean score, or the mean of its finished seeds so far (n of tune_seeds), or -."""
+    if value in scores:
+        return fmt(scores[value], 4)
+    return f"{partial[value][0]:.4f} ({partial[value][1]} of {tune_seeds} seeds)" if value in partial else '-'
+
+
 def mask_lines(done):
     """Markdown lines of the mask analysis of the learned rows (mean over seeds, per layer)."""
     head = ['row', 'layer', 'within-channel share of var(M)', 'constant channels', 'MI(mask; token) - null, bits',
@@ -825,13 +835,14 @@ def report(quiet=False):
         md.append(f"| {s} | {sz['learned']} / {sz['baseline']} | {sizes[s]['learned']:,} / {sizes[s]['baseline']:,} | "
                   f"{sz['tokens']:,} | {sz['max_iters']:,} | {sz['eval_interval']} | {sz['warmup_iters']} |")
     # tuning
-    grid = sorted({lr for row in tuned.split(',') for lr in choice['scores'][row]} | set(floats(lrs)))
+    grid = sorted({lr for row in tuned.split(',') for lr in (*choice['scores'][row], *choice['partial'][row])}
+                  | set(floats(lrs)))
     md += ['', f'## Tuning (S1, seeds {tune_seed0}..{tune_seed0 + tune_seeds - 1}): mean best val_select CE', '',
            '| row | ' + ' | '.join(f'{x:g}' for x in grid) + ' | chosen |', '|---|' + '---|' * (len(grid) + 1)]
     for row in tuned.split(','):
-        sc = choice['scores'][row]
         chosen = '-' if choice['lr'][row] is None else f"{choice['lr'][row]:g}"
-        md.append(f'| {row} | ' + ' | '.join(fmt(sc.get(x), 4) for x in grid) + f' | {chosen} |')
+        md.append(f'| {row} | ' + ' | '.join(cell_text(choice['scores'][row], choice['partial'][row], x) for x in grid)
+                  + f' | {chosen} |')
     for row, src in INHERITED.items():
         if row in rows.split(',') + rows2.split(','):
             md.append(f'| {row} | ' + ' | '.join('' for _ in grid) + f" | {src}'s |")
@@ -839,7 +850,7 @@ def report(quiet=False):
     pen = '-' if choice['penalty'] is None else f"{choice['penalty']:g}"
     md += ['', '| learned_shift0 penalty weight | ' + ' | '.join(f'{p:g}' for p in floats(penalties)) + ' | chosen |',
            '|---|' + '---|' * (len(floats(penalties)) + 1),
-           '| mean best val_select CE | ' + ' | '.join(fmt(ps.get(p), 4) for p in floats(penalties))
+           '| mean best val_select CE | ' + ' | '.join(cell_text(ps, choice['penalty_partial'], p) for p in floats(penalties))
            + f' | {pen} |', '',
            f"learned_random keeps each channel with probability {fmt(choice['keep'], 4)} (the chosen learned runs' "
            f"training keep rate); the best dropout rate: {choice['best_dropout'] or '-'}.", '',

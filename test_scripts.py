@@ -444,6 +444,12 @@ def test_study_tuning_rules(monkeypatch):
     assert len(tasks['tune']) == 4 * 3 * 2 and not tasks['s1'] and not tasks['pilot'] and not tasks['s2']
     assert [t['name'] for t in tasks['tune'][:2]] == ['baseline_lr0.001_s2001', 'baseline_lr0.002_s2001']
     assert tasks['tune'][12]['name'] == 'baseline_lr0.001_s2002'  # seed-major: every cell's first seed first
+    # half the seeds finished: no choice yet, the finished seeds' means shown as such
+    monkeypatch.setattr(reproduce, 'result', lambda t: fake(t) if t['settings']['seed'] == 2001 else None)
+    c = reproduce.tuning()
+    assert c['lr']['baseline'] is None and not c['scores']['baseline']
+    assert c['partial']['baseline'][4e-3] == (pytest.approx(5.0), 1)
+    assert reproduce.cell_text(c['scores']['baseline'], c['partial']['baseline'], 4e-3) == '5.0000 (1 of 2 seeds)'
 
 
 def test_study_statistics_hand_cases():
