@@ -31,7 +31,10 @@ Design, declared before any run (results/study/REPORT.md gives the reasons):
   the lowest mean (over seeds) best val_select CE. Then learned_shift0 at its rate with every penalty weight
   of penalties, chosen the same way. INHERITED rows take another row's rate. learned_random keeps each
   channel with the rate the chosen learned runs kept in training (mean over the tuning seeds of the last
-  10% of steps). The best dropout rate (for S2) is the dropout row with the lower tuning score.
+  10% of steps). The best dropout rate (for S2) is the dropout row with the lower tuning score. Length
+  check: if any tuned row's best evaluation is its last one in every tuning seed at its chosen settings
+  (its minimum not reached), every main and pilot run trains `lengthen` (1.5) times as many steps, with
+  the warm-up scaled alike and the same evaluation interval; the rates stay as tuned.
 - stage s1: rows x seeds (seed0 ...) at the chosen settings (learned_static and learned_shift0 at the
   chosen penalty). Stage pilot: pilot_rows at S2, half length, one seed, at S1's rate x each of
   pilot_factors; the factor with the lowest sum of best val_select CE over pilot_rows is S2's rule. Stage
@@ -96,6 +99,7 @@ lrs = '1e-3,2e-3,4e-3'  # the learning-rate grid of the tuned rows
 penalties = '0,0.03,0.1,0.3'  # the penalty-weight grid of learned_shift0
 pilot_factors = '0.5,1,2'  # S2's rate = S1's rate x the best of these (pilot)
 pilot_seed = 3001  # the pilot's one seed
+lengthen = 1.5  # main and pilot runs' length factor if a tuned row's best evaluation was its last (see the docstring)
 max_iters = 2400  # S1's optimizer steps per run
 eval_interval = 120  # S1's steps between evaluations
 warmup_iters = 500  # S1's warm-up steps
@@ -576,7 +580,7 @@ def tuning():
         return [task('tune', f'{row}_lr{lr:g}{tag}_s{tune_seed0 + k}', row,
                      run_settings(row, 'S1', tune_seed0 + k, lr, extra)) for k in range(tune_seeds)]
     base, keyed = sorted(floats(lrs)), []  # (phase, seed, order, task)
-    lr, scores, partial = {}, {}, {}
+    lr, scores, partial, chosen_cells = {}, {}, {}, {}
     for i, row in enumerate(tuned.split(',')):
         grid = list(base)
         while True:
@@ -589,6 +593,7 @@ def tuning():
             else:
                 break
         lr[row] = best
+        chosen_cells[row] = cells.get(best, [])
         keyed += [(0 if x in base else 1, k, i, t) for x in grid for k, t in enumerate(cells[x])]
     choice = {'lr': lr, 'scores': scores, 'partial': partial, 'penalty': None, 'penalty_scores': {},
               'penalty_partial': {}, 'keep': None, 'best_dropout': None}
@@ -602,12 +607,17 @@ def tuning():
         choice['penalty_scores'], choice['penalty'], choice['penalty_partial'] = choose(cells)
         if choice['penalty'] is not None:
             choice['keep'] = statistics.mean(result(t)['keep_train'] for t in cells[choice['penalty']])
+            chosen_cells[METHOD] = cells[choice['penalty']]
     rates = [r for r in DROPOUT_ROWS if r in lr]
     if rates and all(lr[r] is not None for r in rates):
         choice['best_dropout'] = min(rates, key=lambda r: scores[r][lr[r]])
     choice['tasks'] = [t for *_, t in sorted(keyed, key=lambda x: x[:3])]
     choice['complete'] = all(v is not None for v in (*lr.values(), choice['penalty'])) and (
         choice['best_dropout'] is not None or not any(r in DROPOUT_ROWS for r in lr))
+    # the declared length check: a row whose best evaluation is the last one in every tuning seed at its chosen
+    # settings has not reached its minimum; then every main and pilot run trains lengthen times as long
+    choice['unsettled'] = [row for row, c in chosen_cells.items() if c and all(not result(t)['inside'] for t in c)]
+    choice['length'] = lengthen if choice['unsettled'] else 1.0
     return choice
 
 
@@ -633,7 +643,8 @@ def pilot(choice):
     """The pilot's tasks and S2's rate factor (None until they have finished)."""
     factors = floats(pilot_factors)
     cells = {f: [task('pilot', f'{row}_x{f:g}_s{pilot_seed}', row,
-                      main_settings(row, 'S2', pilot_seed, choice, f, 0.5)) for row in pilot_rows.split(',')]
+                      main_settings(row, 'S2', pilot_seed, choice, f, 0.5 * choice['length']))
+                 for row in pilot_rows.split(',')]
              for f in factors}
     sums = {}
     for f, tasks in cells.items():
@@ -646,7 +657,8 @@ def pilot(choice):
 
 def main_tasks(stage, choice, factor=1.0):
     size_name, n = ('S1', seeds) if stage == 's1' else ('S2', seeds2)
-    return [task(stage, f'{row}_s{seed0 + k}', row, main_settings(row, size_name, seed0 + k, choice, factor))
+    return [task(stage, f'{row}_s{seed0 + k}', row,
+                 main_settings(row, size_name, seed0 + k, choice, factor, choice['length']))
             for k in range(n) for row in size_rows(size_name, choice)]
 
 
@@ -853,7 +865,10 @@ def report(quiet=False):
            '| mean best val_select CE | ' + ' | '.join(cell_text(ps, choice['penalty_partial'], p) for p in floats(penalties))
            + f' | {pen} |', '',
            f"learned_random keeps each channel with probability {fmt(choice['keep'], 4)} (the chosen learned runs' "
-           f"training keep rate); the best dropout rate: {choice['best_dropout'] or '-'}.", '',
+           f"training keep rate); the best dropout rate: {choice['best_dropout'] or '-'}. Length check: "
+           + (f"best evaluation at the last one in every tuning seed for {', '.join(choice['unsettled'])}, so the "
+              f"main and pilot runs train {lengthen:g}x as long" if choice['unsettled'] else
+              "every chosen row's best evaluation lies inside its tuning runs so far") + '.', '',
            '| S2 pilot: rate factor | ' + ' | '.join(pilot_factors.split(',')) + ' | chosen |',
            '|---|' + '---|' * (len(floats(pilot_factors)) + 1),
            f"| sum of best val_select CE ({pilot_rows.replace(',', ', ')}) | " + ' | '.join(fmt(sums.get(f), 4) for f in floats(pilot_factors))
@@ -966,7 +981,7 @@ RULES = {
     'lrs': (DISTINCT.format(low='0 <'), "distinct positive finite learning rates, comma-separated, e.g. 1e-3,2e-3,4e-3"),
     'penalties': (DISTINCT.format(low='0 <='), "distinct finite penalty weights >= 0, comma-separated, e.g. 0,0.03,0.1,0.3"),
     'pilot_factors': (DISTINCT.format(low='0 <'), "distinct positive finite factors, comma-separated, e.g. 0.5,1,2"),
-    'jobs': 'x >= 1', 'executor': "x in ('local', 'slurm', 'submitit_local')",
+    'lengthen': 'x >= 1', 'jobs': 'x >= 1', 'executor': "x in ('local', 'slurm', 'submitit_local')",
     'tuned': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),
     'rows': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),
     'rows2': (f"set(x.split(',')) <= set({CONFIGS + ['best_dropout']!r})",
@@ -997,7 +1012,7 @@ def main():
     try:
         globals().update(configure({k: globals()[k] for k in (
             'stages', 'tuned', 'rows', 'rows2', 'pilot_rows', 'seed0', 'seeds', 'seeds2', 'tune_seed0', 'tune_seeds', 'lrs', 'penalties', 'pilot_factors',
-            'pilot_seed', 'max_iters', 'eval_interval', 'warmup_iters', 'train_tokens', 'train_tokens2', 'val_tokens',
+            'pilot_seed', 'lengthen', 'max_iters', 'eval_interval', 'warmup_iters', 'train_tokens', 'train_tokens2', 'val_tokens',
             'vocab_size', 'learned_shape', 'baseline_shape', 'learned_shape2', 'baseline_shape2', 'train_args',
             'data_dir', 'out_root', 'results_dir', 'jobs', 'executor', 'slurm_args', 'commit', 'report_only')},
             sys.argv[1:], __file__, __doc__, RULES))

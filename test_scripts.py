@@ -214,7 +214,7 @@ def test_bench_small_shapes_take_any_learned_or_baseline_config():
 
 STUDY_TOY = ['--tuned=baseline,baseline_dropout0.2,learned_shift0', '--rows=baseline,learned_shift0,learned_random',
              '--rows2=best_dropout,learned_shift0', '--pilot_rows=baseline', '--lrs=1e-3,2e-3',
-             '--penalties=0.1,0.3', '--pilot_factors=1,2', '--tune_seeds=1', '--seeds=2', '--seeds2=2', '--max_iters=4',
+             '--penalties=0.1,0.3', '--pilot_factors=1,2', '--lengthen=1', '--tune_seeds=1', '--seeds=2', '--seeds2=2', '--max_iters=4',
              '--eval_interval=2', '--warmup_iters=1', '--train_tokens=3000', '--train_tokens2=4000', '--val_tokens=1500',
              '--vocab_size=300', '--learned_shape=n_layer=1,n_embd=16,n_head=2',
              '--baseline_shape=n_layer=1,n_embd=17,n_head=1', '--learned_shape2=n_layer=1,n_embd=24,n_head=2',
@@ -424,7 +424,9 @@ def test_study_tuning_rules(monkeypatch):
         # a V in log(rate) around each row's planted best; dropout 0.1 lower overall; penalty 0.3 best
         score = 5 + abs(math.log2(lr / best[row])) * 0.1 - (0.05 if row == 'baseline_dropout0.1' else 0)
         score -= 0.01 * (s.get('penalty_coeff', 0.1) == 0.3)
-        return {'select': score + 0.001 * (s['seed'] - 2001), 'keep_train': 0.4 + 0.1 * (s['seed'] - 2001)}
+        return {'select': score + 0.001 * (s['seed'] - 2001), 'keep_train': 0.4 + 0.1 * (s['seed'] - 2001),
+                'inside': not (row == 'baseline_dropout0.1' and lr == 1e-3 and late)}
+    late = False
     monkeypatch.setattr(reproduce, 'result', fake)
     c = reproduce.tuning()
     assert c['lr'] == {'baseline': 4e-3, 'baseline_dropout0.2': 2e-3, 'baseline_dropout0.1': 1e-3, 'learned_shift0': 8e-3}
@@ -438,6 +440,15 @@ def test_study_tuning_rules(monkeypatch):
     assert s['learning_rate'] == 8e-3 and 0.5 * math.cos(s['shift_init']) + 0.5 == pytest.approx(0.45)
     assert reproduce.main_settings('learned_shift0', 'S1', 1337, c)['penalty_coeff'] == 0.3
     assert reproduce.size_rows('S2', c)[1] == 'baseline_dropout0.1'
+    assert c['length'] == 1.0 and reproduce.main_tasks('s1', c)[0]['settings']['max_iters'] == reproduce.max_iters
+    # the length check: dropout 0.1's best evaluation is its last in both tuning seeds at its chosen rate
+    late = True
+    c = reproduce.tuning()
+    assert c['unsettled'] == ['baseline_dropout0.1'] and c['length'] == 1.5
+    s1 = reproduce.main_tasks('s1', c)[0]['settings']
+    assert s1['max_iters'] == s1['lr_decay_iters'] == 1.5 * reproduce.max_iters
+    assert s1['warmup_iters'] == round(1.5 * reproduce.warmup_iters) and s1['eval_interval'] == reproduce.eval_interval
+    late = False
     # nothing finished yet: only the first grid is known, and no stage after tuning has a task
     monkeypatch.setattr(reproduce, 'result', lambda t: None)
     tasks, c, _ = reproduce.plan()
