@@ -736,14 +736,15 @@ def comparisons(rows, best_dropout, size_name):
     return out
 
 
-def size_results(stage, choice):
-    """{row: {seed: endpoints}} of a main stage's finished runs."""
-    done = {}
-    for t in main_tasks(stage, choice, 1.0 if stage == 's1' else (plan()[2][1] or 1.0)):
+def size_results(tasks):
+    """{row: {seed: endpoints}} of a main stage's finished runs, and {row: its learning rate}."""
+    done, rates = {}, {}
+    for t in tasks:
+        rates[t['row']] = t['settings']['learning_rate']
         e = result(t)
         if e:
             done.setdefault(t['row'], {})[t['settings']['seed']] = e
-    return done
+    return done, rates
 
 
 def differences(done, pairs):
@@ -874,10 +875,8 @@ def report(quiet=False):
            f"| sum of best val_select CE ({pilot_rows.replace(',', ', ')}) | " + ' | '.join(fmt(sums.get(f), 4) for f in floats(pilot_factors))
            + f" | {'-' if factor is None else f'{factor:g}'} |"]
     per_run, diff_rows, along_rows = [], [], []
-    for stage, s in (('s1', 'S1'), ('s2', 'S2')):
-        if not choice['complete'] or (stage == 's2' and factor is None):
-            continue
-        done = size_results(stage, choice)
+    for stage, s in (('s1', 'S1'), ('s2', 'S2')):  # a stage whose inputs are not chosen yet has no tasks
+        done, rates = size_results(tasks[stage])
         if not done:
             continue
         head = ['row', 'seeds', 'lr', 'params (active)', 'FLOPs/token', 'val_test CE at best val_select (primary)',
@@ -886,8 +885,7 @@ def report(quiet=False):
         md += ['', f'## {s}: results (mean ± SD over seeds)', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for row, runs in done.items():
             es = list(runs.values())
-            lr = next(t['settings']['learning_rate'] for t in main_tasks(stage, choice, 1.0 if stage == 's1' else factor)
-                      if t['row'] == row)
+            lr = rates[row]
             e0 = es[0]
             md.append('| ' + ' | '.join([
                 row, str(len(es)), f'{lr:.3g}', f"{e0['params']:,}" + (f" ({e0['active']:,})" if e0['active'] != e0['params'] else ''),
