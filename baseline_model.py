@@ -234,21 +234,12 @@ def attend(c_attn, x, n_head, kv_cache=None, dropout_p=0.0):
         kv_cache[c_attn] = (k, v)
     Tk = k.size(2)
     if x.device.type == 'cpu' and T > 1 and (dropout_p or q.dtype in (torch.bfloat16, torch.float16)):
-        # on a CPU the fused kernel is slower than these three ops in bf16 (BENCHMARK.md), though faster in
-        # float32 and for one new token, and its dropout would draw a float per element; the scores (a bf16
-        # product) are scaled and normalized in float32. With dropout the queries go in 4 blocks, each against
-        # only the keys it can see, which skips most of the masked half of the (T, Tk) probabilities
-        ys, Tq = [], -(-T // 4) if dropout_p else T
-        for start in range(0, T, Tq):
-            qb = q[:, :, start:start + Tq]  # (B, nh, Tq, hs)
-            end = Tk - T + start + qb.size(2)  # these queries see keys [0, end)
-            mask = torch.ones(qb.size(2), end, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T + start)
-            att = (qb @ k[:, :, :end].transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, end)
-            att = att.masked_fill(~mask, float('-inf')).softmax(dim=-1)
-            if dropout_p:
-                att = dropout(att, dropout_p)
-            ys.append(att.to(v.dtype) @ v[:, :, :end])  # (B, nh, Tq, hs)
-        y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]  # (B, nh, T, hs)
+        # on a CPU the fused kernel is slower than explicit attention in bf16 (BENCHMARK.md), though faster in
+        # float32 and for one new token, and its dropout would draw a float per element
+        if dropout_p and Tk == T and q.dtype == torch.float32 and not torch.compiler.is_compiling():
+            y = DropoutAttention.apply(q, k, v, dropout_p)  # eager training: fewer passes, same masks
+        else:
+            y = blocked_attention(q, k, v, dropout_p)
     elif Tk == T:  # no past: the usual causal mask
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     elif T == 1:  # one new token sees every cached one
@@ -257,6 +248,73 @@ def attend(c_attn, x, n_head, kv_cache=None, dropout_p=0.0):
         mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+
+
+ATTENTION_BLOCKS = 4  # query blocks of the explicit CPU attention with dropout
+
+
+def query_blocks(T, Tk, blocks):
+    """(start, end, mask) of each block of queries: queries [start, end) see keys [0, Tk - T + end), and
+    mask is True where a key is visible (causal, aligned to the bottom right when Tk > T)."""
+    Tq = -(-T // blocks)
+    for start in range(0, T, Tq):
+        end = min(start + Tq, T)
+        yield start, end, torch.ones(end - start, Tk - T + end, dtype=torch.bool).tril(diagonal=Tk - T + start)
+
+
+def blocked_attention(q, k, v, dropout_p):
+    """Causal attention as three explicit ops, the scores (a bf16 product under autocast) scaled and
+    normalized in float32. With dropout the queries go in ATTENTION_BLOCKS blocks, each against only the
+    keys it can see, which skips most of the masked half of the (T, Tk) probabilities."""
+    T, Tk = q.size(2), k.size(2)
+    ys = []
+    for start, end, mask in query_blocks(T, Tk, ATTENTION_BLOCKS if dropout_p else 1):
+        n = mask.size(1)  # keys these queries can see
+        att = (q[:, :, start:end] @ k[:, :, :n].transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(~mask, float('-inf')).softmax(dim=-1)  # (B, nh, Tq, n)
+        if dropout_p:
+            att = dropout(att, dropout_p)
+        ys.append(att.to(v.dtype) @ v[:, :, :n])  # (B, nh, Tq, hs)
+    return torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]  # (B, nh, T, hs)
+
+
+class DropoutAttention(torch.autograd.Function):
+    """blocked_attention(q, k, v, p) for float32 eager training without a past, with a hand-written
+    backward: the same blocks, the same dropout_mask draws in the same order (so the same masks from a
+    seed), but each pass over the (Tq, n) probabilities done once and in place where autograd would
+    allocate and scale them again: the scale 1/sqrt(hs) goes into q and the dropout scale into the
+    (T, hs) output. Saves per block the probabilities and the bool keep mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p):
+        q = (q * (1.0 / math.sqrt(q.size(-1)))).contiguous()  # (B, nh, T, hs)
+        k, v = k.contiguous(), v.contiguous()
+        ys, saved, scale = [], [], 1.0
+        for start, end, mask in query_blocks(q.size(2), k.size(2), ATTENTION_BLOCKS):
+            n = mask.size(1)
+            att = q[:, :, start:end] @ k[:, :, :n].transpose(-2, -1)  # (B, nh, Tq, n)
+            att = att.masked_fill_(~mask, float('-inf')).softmax(dim=-1)
+            keep, scale = dropout_mask(att, p)
+            ys.append(torch.where(keep, att, 0.0) @ v[:, :, :n])  # (B, nh, Tq, hs), not yet scaled
+            saved += [att, keep]
+        ctx.save_for_backward(q, k, v, *saved)
+        ctx.scale = scale
+        return torch.cat(ys, dim=2).mul_(scale)  # (B, nh, T, hs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, *saved = ctx.saved_tensors
+        dy = dy * ctx.scale  # (B, nh, T, hs): the dropout scale, applied once
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for (start, end, mask), att, keep in zip(query_blocks(q.size(2), k.size(2), ATTENTION_BLOCKS),
+                                                 saved[0::2], saved[1::2]):
+            n, dyb = mask.size(1), dy[:, :, start:end]
+            dv[:, :, :n] += torch.where(keep, att, 0.0).transpose(-2, -1) @ dyb
+            datt = (dyb @ v[:, :, :n].transpose(-2, -1)).masked_fill_(~keep, 0.0)  # (B, nh, Tq, n)
+            dscore = torch._softmax_backward_data(datt, att, -1, att.dtype)  # zero where masked (att = 0)
+            dq[:, :, start:end] = dscore @ k[:, :, :n]
+            dk[:, :, :n] += dscore.transpose(-2, -1) @ q[:, :, start:end]
+        return dq.mul_(1.0 / math.sqrt(q.size(-1))), dk, dv, None
 
 
 class CausalSelfAttention(nn.Module):

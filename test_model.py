@@ -486,6 +486,36 @@ def test_attention_probability_dropout(T, past):
     assert abs(rate - 0.7) < 5 * (0.21 / n) ** 0.5
 
 
+@pytest.mark.parametrize('T', [16, 13, 40])
+def test_eager_dropout_attention_matches_blocked(T):
+    """Eager float32 training takes DropoutAttention (hand-written backward): from the same seed it draws the
+    same masks as blocked_attention, the generic path that autograd differentiates, so outputs and the
+    gradients of q, k and v agree; and attend() takes it for exactly that case."""
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 5, generator=g, requires_grad=True) for _ in range(3))
+    dy = torch.randn(2, 3, T, 5, generator=g)
+    out = []
+    for f in (baseline_model.DropoutAttention.apply, baseline_model.blocked_attention):
+        torch.manual_seed(1)
+        y = f(q, k, v, 0.3)
+        out.append((y, *torch.autograd.grad(y, (q, k, v), dy)))
+    assert (out[0][0] == 0).any()  # something was dropped
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    calls = []
+    real = baseline_model.DropoutAttention.apply
+    baseline_model.DropoutAttention.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        lin = torch.nn.Linear(12, 36)
+        baseline_model.attend(lin, torch.randn(2, T, 12), 3, dropout_p=0.2)
+        assert calls == [1]
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # bf16: the generic path
+            baseline_model.attend(lin, torch.randn(2, T, 12), 3, dropout_p=0.2)
+        assert calls == [1]
+    finally:
+        baseline_model.DropoutAttention.apply = real
+
+
 @pytest.mark.parametrize('compiled', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_cpu_dropout_is_independent_bernoulli(compiled):
     """The CPU dropout (eager: 16-bit lanes of 64-bit draws; compiled: a hashed counter) keeps each element
