@@ -487,7 +487,7 @@ def test_attention_probability_dropout(T, past):
 
 
 @pytest.mark.parametrize('T', [16, 13, 40])
-def test_eager_dropout_attention_matches_blocked(T):
+def test_eager_dropout_attention_matches_blocked(T, monkeypatch):
     """Eager float32 training takes DropoutAttention (hand-written backward): from the same seed it draws the
     same masks as blocked_attention, the generic path that autograd differentiates, so outputs and the
     gradients of q, k and v agree; and attend() takes it for exactly that case."""
@@ -502,18 +502,14 @@ def test_eager_dropout_attention_matches_blocked(T):
     assert (out[0][0] == 0).any()  # something was dropped
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    calls = []
-    real = baseline_model.DropoutAttention.apply
-    baseline_model.DropoutAttention.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        lin = torch.nn.Linear(12, 36)
+    calls, real = [], baseline_model.DropoutAttention.apply
+    monkeypatch.setattr(baseline_model.DropoutAttention, 'apply', lambda *a: calls.append(1) or real(*a))
+    lin = torch.nn.Linear(12, 36)
+    baseline_model.attend(lin, torch.randn(2, T, 12), 3, dropout_p=0.2)
+    assert calls == [1]
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # bf16: the generic path
         baseline_model.attend(lin, torch.randn(2, T, 12), 3, dropout_p=0.2)
-        assert calls == [1]
-        with torch.autocast('cpu', dtype=torch.bfloat16):  # bf16: the generic path
-            baseline_model.attend(lin, torch.randn(2, T, 12), 3, dropout_p=0.2)
-        assert calls == [1]
-    finally:
-        baseline_model.DropoutAttention.apply = real
+    assert calls == [1]
 
 
 @pytest.mark.parametrize('compiled', [False, pytest.param(True, marks=pytest.mark.slow)])
