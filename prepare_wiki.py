@@ -233,7 +233,8 @@ def encode_docs(enc, docs, num_proc):
     tokens), never a fake document break."""
     if not docs:
         return np.zeros(0, dtype=np.uint16)
-    ids = enc.encode_ordinary_batch(docs, num_threads=num_proc)
+    with signals_held():
+        ids = enc.encode_ordinary_batch(docs, num_threads=num_proc)
     return np.fromiter(itertools.chain.from_iterable(x + [enc.eot_token] for x in ids), dtype=np.uint16)
 
 
@@ -302,13 +303,36 @@ def write_splits(doc_chunks, enc, tmp_paths, args):
 # True while prepare() renames a finished preparation into place: a signal then is let pass,
 # the run ends a moment later anyway, complete
 swapping = False
+# True while tiktoken's threads encode a batch: a signal then is held back and acted on when the
+# batch returns (a fraction of a second), because a KeyboardInterrupt raised inside
+# concurrent.futures can leave one of its locks held, and the interpreter then hangs on exit
+holding = False
+pending = False
+
+
+@contextlib.contextmanager
+def signals_held():
+    global holding, pending
+    holding = True
+    try:
+        yield
+    finally:
+        holding = False
+    if pending:
+        pending = False
+        raise KeyboardInterrupt
 
 
 def on_interrupt(signum, frame):
     """SIGINT (Ctrl-C) and SIGTERM: KeyboardInterrupt, so that the temporaries are removed on the way
     out; not during the swap, which takes microseconds and must not stop half done."""
-    if not swapping:
-        raise KeyboardInterrupt
+    global pending
+    if swapping:
+        return
+    if holding:
+        pending = True
+        return
+    raise KeyboardInterrupt
 
 
 def fail_unwritable(path, e, during_swap=False):

@@ -329,6 +329,30 @@ def test_sigterm_removes_temporaries_and_keeps_previous_output(tmp_path):
     assert prepared(tmp_path / 'x') == before  # no .tmp left, nothing replaced
 
 
+def test_signal_during_threaded_encoding_waits_for_the_batch():
+    """A KeyboardInterrupt raised inside tiktoken's thread pool can leave a concurrent.futures lock held
+    and hang the interpreter's exit; the handler holds the signal until the batch returns."""
+    finished = []
+
+    class Enc:
+        eot_token = EOT
+
+        def encode_ordinary_batch(self, docs, num_threads):
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the "threads" are encoding
+            time.sleep(0.05)  # the handler runs here: it must not raise
+            finished.append(True)
+            return [[1, 2] for _ in docs]
+
+    old = signal.signal(signal.SIGINT, prepare_wiki.on_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare_wiki.encode_docs(Enc(), ['a', 'b'], 1)
+        assert finished == [True]  # raised after the batch, not inside it
+        assert not prepare_wiki.pending  # acted on once, nothing left over for the next batch
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_stale_temporaries_are_removed_live_and_user_files_kept(tmp_path):
     folder = tmp_path / 'x'
     folder.mkdir()
