@@ -6,7 +6,8 @@ Threads are pinned: on a 2-core machine a test process and the train.py subproce
 otherwise each spin one OpenMP thread per core and slow each other down many times over.
 
 Markers: `slow` marks the tests that start subprocesses, compile, or run the study pipeline;
-`python -m pytest -q -m "not slow"` is the inner loop, `python -m pytest -q` runs everything."""
+`python -m pytest -q -m "not slow"` is the inner loop, `python -m pytest -q -n 2 --dist loadgroup` runs
+everything in two pytest-xdist workers (each test process one thread)."""
 
 import os
 
@@ -22,6 +23,15 @@ import model  # noqa: E402
 import prepare_wiki  # noqa: E402
 
 torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (the README's `-n 2 --dist loadgroup`) the tests that share an expensive module
+    fixture go to one worker, which builds it once instead of once per worker."""
+    for item in items:
+        for name in ('dry_report', 'runs'):  # gpu_check's dry run, the trained runs of test_scripts
+            if name in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture(scope='session')

@@ -28,10 +28,9 @@ def run_check(*argv, timeout=300):
 @pytest.fixture(scope='module')
 def dry_report(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp('gpu_check') / 'r.md'
-    t0 = time.time()
     r = run_check('--dry_run=True', f'--out={out}', f'--data_dir={data_dir}')
     assert r.returncode == 0, r.stderr
-    return out.read_text(), time.time() - t0
+    return out.read_text()
 
 
 def summary(report):
@@ -43,8 +42,7 @@ def summary(report):
 
 @pytest.mark.slow
 def test_dry_run_reports_every_phase(dry_report):
-    report, seconds = dry_report
-    assert seconds < 120  # about a minute on 2 busy cores
+    report = dry_report
     assert '**Dry run**' in report
     for section in ('## Summary', '## Phases', '## bench.py', '## Training', '## Host syncs', '## Compile modes',
                     '## Projected full seed run'):
@@ -60,7 +58,7 @@ def test_dry_run_reports_every_phase(dry_report):
 
 @pytest.mark.slow
 def test_dry_run_checks_come_from_real_numbers(dry_report):
-    report, _ = dry_report
+    report = dry_report
     s = summary(report)
     for run in ('train learned', 'train baseline', 'torchrun learned', 'torchrun baseline'):
         result, measured = s[f'{run}: loss falls']
