@@ -173,6 +173,7 @@ def test_tiny_training_run(data_dir, tmp_path, model_type):
     assert evals[-1]['val/loss'] < evals[0]['val/loss'] - 1.0  # clearly learning
     # the first step (compilation, warm-up) is timed on its own; the others' times exclude evaluations
     assert 'first_step_s' in steps[0] and 'ms_per_iter' not in steps[0]
+    assert steps[0]['machine'].startswith(runtime.cpu_kind()) and steps[0]['torch'] == torch.__version__
     assert all(TRAIN_KEYS <= set(x) for x in steps[1:])
     assert 'iter 29/30:' in r.stdout and 'ETA' in r.stdout
     assert '(warm-up)' in r.stdout and 'compilation' not in r.stdout  # nothing was compiled
@@ -322,7 +323,7 @@ def final_state(out_dir):
 def assert_same_run(a, b, from_iter):
     ra = [x for x in records(a) if x['iter'] >= from_iter]
     rb = [x for x in records(b) if x['iter'] >= from_iter]
-    strip = lambda r: {k: v for k, v in r.items() if k not in ('ms_per_iter', 'tokens_per_s', 'first_step_s')}
+    strip = lambda r: {k: v for k, v in r.items() if k not in ('ms_per_iter', 'tokens_per_s', 'first_step_s', 'machine', 'torch')}
     assert [strip(x) for x in ra] == [strip(x) for x in rb]
     sa, sb = final_state(a), final_state(b)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

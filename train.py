@@ -36,7 +36,7 @@ from torch.distributed import destroy_process_group, init_process_group  # noqa:
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from runtime import (MODEL_TYPES, CheckpointError, RunComplete, RuntimeSetupError, append_json_line,  # noqa: E402
-                     autocast, check_data, check_memory, command_line, one_line_on_out_of_memory,
+                     autocast, check_data, cpu_kind, check_memory, command_line, one_line_on_out_of_memory,
                      every_window, missing_data_hint, model_module, model_settings, open_run_folder, peak_flops,
                      pick_device, pick_dtype, read_jsonl, read_resume_checkpoint, replica_checksums, rng_state, save_json,
                      save_torch, set_rng_state, setup_device, StopRequest, summarize, trim_metrics, val_halves)
@@ -172,6 +172,9 @@ tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * bl
 torch.manual_seed(seed + ddp_rank)  # the learned masks' noise differs per rank
 setup_device(device_type)
 peak = peak_flops(device)
+# logged with the first step of each session (a resumed run may go on elsewhere): step times name their machine
+machine = {'machine': torch.cuda.get_device_name(device) if device_type == 'cuda' else
+           f'{cpu_kind()}, {torch.get_num_threads()} threads', 'torch': torch.__version__}
 dtype = pick_dtype(dtype, device_type)
 ctx = autocast(dtype, device_type)
 
@@ -470,7 +473,7 @@ while True:
         record['lr'] = lr
         line += f", lr {lr:.2e}"
         if first_step_s is not None:
-            record['first_step_s'] = first_step_s
+            record.update(first_step_s=first_step_s, **machine)
             line += f", first step {first_step_s:.1f} s ({'compilation and ' if compile else ''}warm-up)"
         elif iters_since_log:
             dt = (time.time() - t_log) / iters_since_log
