@@ -303,8 +303,8 @@ def write_splits(doc_chunks, enc, tmp_paths, args):
 # True while prepare() renames a finished preparation into place: a signal then is let pass,
 # the run ends a moment later anyway, complete
 swapping = False
-# True while tiktoken's threads encode a batch: a signal then is held back and acted on when the
-# batch returns (a fraction of a second), because a KeyboardInterrupt raised inside
+# True while tiktoken's threads encode a chunk: a signal then is held back and acted on when the
+# chunk is encoded (a second or so), because a KeyboardInterrupt raised inside
 # concurrent.futures can leave one of its locks held, and the interpreter then hangs on exit
 holding = False
 pending = False
