@@ -25,6 +25,7 @@ import prepare_wiki  # noqa: E402
 torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into node ids
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (the README's `-n 2 --dist loadgroup`) the tests that share an expensive module
     fixture go to one worker, which builds it once instead of once per worker."""

@@ -313,7 +313,7 @@ pending = False
 @contextlib.contextmanager
 def signals_held():
     global holding, pending
-    holding = True
+    holding, pending = True, False  # nothing left over from an earlier run in this process
     try:
         yield
     finally:

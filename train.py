@@ -173,8 +173,12 @@ torch.manual_seed(seed + ddp_rank)  # the learned masks' noise differs per rank
 setup_device(device_type)
 peak = peak_flops(device)
 # logged with the first step of each session (a resumed run may go on elsewhere): step times name their machine
-machine = {'machine': torch.cuda.get_device_name(device) if device_type == 'cuda' else
-           f'{cpu_kind()}, {torch.get_num_threads()} threads', 'torch': torch.__version__}
+if device_type == 'cuda':
+    machine = torch.cuda.get_device_name(device)
+elif device_type == 'cpu':
+    machine = f'{cpu_kind()}, {torch.get_num_threads()} threads'
+else:
+    machine = device
 dtype = pick_dtype(dtype, device_type)
 ctx = autocast(dtype, device_type)
 
@@ -473,7 +477,7 @@ while True:
         record['lr'] = lr
         line += f", lr {lr:.2e}"
         if first_step_s is not None:
-            record.update(first_step_s=first_step_s, **machine)
+            record.update(first_step_s=first_step_s, machine=machine, torch=torch.__version__)
             line += f", first step {first_step_s:.1f} s ({'compilation and ' if compile else ''}warm-up)"
         elif iters_since_log:
             dt = (time.time() - t_log) / iters_since_log
