@@ -448,15 +448,17 @@ def test_wandb_is_offline_by_default(data_dir, tmp_path):
     (fake / 'wandb.py').write_text(
         "import json, os\nlog_path = os.environ['FAKE_WANDB_LOG']\n"
         "def _w(x):\n    open(log_path, 'a').write(json.dumps(x) + '\\n')\n"
-        "def init(**kw):\n    _w({'init': kw['name'], 'mode': os.environ.get('WANDB_MODE')})\n"
-        "def log(record, step=None):\n    _w({'step': step})\n"
+        "def init(**kw):\n    _w({'init': kw['name'], 'mode': os.environ.get('WANDB_MODE'), 'machine': kw['config']['machine']})\n"
+        "def log(record, step=None):\n    _w({'step': step, 'text': [k for k, v in record.items() if isinstance(v, str)]})\n"
         "def finish():\n    _w({'finish': True})\n")
     env = dict(os.environ, PYTHONPATH=str(fake), FAKE_WANDB_LOG=str(tmp_path / 'w.jsonl'))
     env.pop('WANDB_MODE', None)
     ok(train(data_dir, tmp_path / 'out', '--max_iters=2', '--eval_interval=2', '--wandb_log=True', env=env))
     calls = [json.loads(line) for line in open(tmp_path / 'w.jsonl')]
-    assert calls[0] == {'init': 'learned', 'mode': 'offline'}
+    assert calls[0] == {'init': 'learned', 'mode': 'offline', 
+                        'machine': next(r['machine'] for r in records(tmp_path / 'out') if 'machine' in r)}
     assert len([c for c in calls if 'step' in c]) == len(records(tmp_path / 'out'))
+    assert not any(c.get('text') for c in calls)  # the machine goes to wandb's config, not to its charts
     assert calls[-1] == {'finish': True}
 
 

@@ -356,7 +356,7 @@ if master_process and not eval_only:  # an evaluation only prints: the run's rec
     except RuntimeSetupError as e:
         fail(str(e))
     if wandb is not None:
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        wandb.init(project=wandb_project, name=wandb_run_name, config=dict(config, machine=machine, torch=torch.__version__))
 if master_process:
     print(f"{model_type} model, {raw_model.get_num_params():,} parameters, {dtype} on {device}"
           f"{f' x {ddp_world_size} processes' if ddp else ''}, {tokens_per_iter:,} tokens per iteration")
@@ -372,7 +372,7 @@ def log(record):
                 else "free some space, then start the run again with --overwrite=True (it had no checkpoint yet)")
         fail(f"{e}; {then}")
     if wandb is not None:
-        wandb.log(record, step=record['iter'])
+        wandb.log({k: v for k, v in record.items() if k not in ('machine', 'torch')}, step=record['iter'])  # in its config
 
 
 # -----------------------------------------------------------------------------
