@@ -455,7 +455,7 @@ def test_wandb_is_offline_by_default(data_dir, tmp_path):
     env.pop('WANDB_MODE', None)
     ok(train(data_dir, tmp_path / 'out', '--max_iters=2', '--eval_interval=2', '--wandb_log=True', env=env))
     calls = [json.loads(line) for line in open(tmp_path / 'w.jsonl')]
-    assert calls[0] == {'init': 'learned', 'mode': 'offline', 
+    assert calls[0] == {'init': 'learned', 'mode': 'offline',
                         'machine': next(r['machine'] for r in records(tmp_path / 'out') if 'machine' in r)}
     assert len([c for c in calls if 'step' in c]) == len(records(tmp_path / 'out'))
     assert not any(c.get('text') for c in calls)  # the machine goes to wandb's config, not to its charts
