@@ -21,7 +21,7 @@ import time
 import torch
 
 from configurator import ConfigError, configure
-from runtime import (RuntimeSetupError, autocast, check_memory, cpu_kind, model_module, peak_flops, pick_device,
+from runtime import (RuntimeSetupError, autocast, check_memory, machine_name, model_module, peak_flops, pick_device,
                      pick_dtype, setup_device)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -229,8 +229,7 @@ def main():
     if threads:
         torch.set_num_threads(threads)
     B = batch_size or (50 if dev_type == 'cuda' else 8)
-    name = torch.cuda.get_device_name(dev) if dev_type == 'cuda' else f'{cpu_kind()}, {torch.get_num_threads()} threads'
-    print(f"device: {name}; dtype {', '.join(dtypes)}; torch {torch.__version__}")
+    print(f"device: {machine_name(dev)}; dtype {', '.join(dtypes)}; torch {torch.__version__}")
     try:  # every shape and model exists, and its training step fits in memory, before anything is timed
         for shape in shapes.split(',') if train else []:
             for n in models.split(','):

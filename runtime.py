@@ -111,6 +111,17 @@ def cpu_kind():
     return f"{name} ({' '.join(shown) or 'flags unknown'})"
 
 
+def machine_name(device):
+    """What a figure measured on device ran on: the GPU's name, or the CPU kind and torch's thread count."""
+    device_type = str(device).split(':')[0]
+    if device_type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    if device_type == 'cpu':
+        n = torch.get_num_threads()
+        return f"{cpu_kind()}, {n} thread{'s' * (n != 1)}"
+    return str(device)
+
+
 def cpu_has_fast_bf16():
     """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast trains
     faster than float32 (BENCHMARK.md)."""

@@ -36,8 +36,8 @@ from torch.distributed import destroy_process_group, init_process_group  # noqa:
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from runtime import (MODEL_TYPES, CheckpointError, RunComplete, RuntimeSetupError, append_json_line,  # noqa: E402
-                     autocast, check_data, cpu_kind, check_memory, command_line, one_line_on_out_of_memory,
-                     every_window, missing_data_hint, model_module, model_settings, open_run_folder, peak_flops,
+                     autocast, check_data, check_memory, command_line, one_line_on_out_of_memory,
+                     every_window, machine_name, missing_data_hint, model_module, model_settings, open_run_folder, peak_flops,
                      pick_device, pick_dtype, read_jsonl, read_resume_checkpoint, replica_checksums, rng_state, save_json,
                      save_torch, set_rng_state, setup_device, StopRequest, summarize, trim_metrics, val_halves)
 import prepare_wiki  # noqa: E402
@@ -172,13 +172,7 @@ tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * bl
 torch.manual_seed(seed + ddp_rank)  # the learned masks' noise differs per rank
 setup_device(device_type)
 peak = peak_flops(device)
-# logged with the first step of each session (a resumed run may go on elsewhere): step times name their machine
-if device_type == 'cuda':
-    machine = torch.cuda.get_device_name(device)
-elif device_type == 'cpu':
-    machine = f'{cpu_kind()}, {torch.get_num_threads()} threads'
-else:
-    machine = device
+machine = machine_name(device)  # logged with each session's first step (a resumed run may go on elsewhere)
 dtype = pick_dtype(dtype, device_type)
 ctx = autocast(dtype, device_type)
 
