@@ -299,6 +299,7 @@ def test_reproduce_smoke(data_dir, tmp_path, capsys):
     assert [int(x['iter']) for x in along] == [0, 2, 4]
     assert [x['n'] for x in along] == ['2'] * 3
     assert nonempty_image(res / 'along_S1.png') and nonempty_image(res / 'along_S2.png')
+    assert nonempty_image(res / 'masks_S1.png') and nonempty_image(res / 'masks_S2.png')
     assert curves[0][4] != curves[1][4]
     # every learned run keeps its best weights (no optimizer) and its mask analysis on val_test
     for name in ('learned_shift0_s1337', 'learned_random_s1338'):
