@@ -597,7 +597,7 @@ def tuning():
         chosen_cells[row] = cells.get(best, [])
         keyed += [(0 if x in base else 1, k, i, t) for x in grid for k, t in enumerate(cells[x])]
     choice = {'lr': lr, 'scores': scores, 'partial': partial, 'penalty': None, 'penalty_scores': {},
-              'penalty_partial': {}, 'keep': None, 'best_dropout': None}
+              'penalty_partial': {}, 'penalty_cells': {}, 'keep': None, 'best_dropout': None}
     own = row_config(METHOD)['penalty_coeff']
     if METHOD not in lr:  # not tuned: the penalised rows keep their config's weight
         choice['penalty'] = own
@@ -606,6 +606,7 @@ def tuning():
                      cell(METHOD, lr[METHOD], {'penalty_coeff': p}, f'_pen{p:g}')) for p in floats(penalties)}
         keyed += [(2, k, 0, t) for p, c in cells.items() if p != own for k, t in enumerate(c)]
         choice['penalty_scores'], choice['penalty'], choice['penalty_partial'] = choose(cells)
+        choice['penalty_cells'] = cells
         if choice['penalty'] is not None:
             choice['keep'] = statistics.mean(result(t)['keep_train'] for t in cells[choice['penalty']])
             chosen_cells[METHOD] = cells[choice['penalty']]
@@ -911,7 +912,14 @@ def report(quiet=False):
     md += ['', '| learned_shift0 penalty weight | ' + ' | '.join(f'{p:g}' for p in floats(penalties)) + ' | chosen |',
            '|---|' + '---|' * (len(floats(penalties)) + 1),
            '| mean best val_select CE | ' + ' | '.join(cell_text(ps, choice['penalty_partial'], p) for p in floats(penalties))
-           + f' | {pen} |', '',
+           + f' | {pen} |']
+    for label, key, digits in (('mean val_test CE there (not used to choose)', 'primary', 4),
+                               ('mean keep rate in training (last 10% of steps)', 'keep_train', 3)):
+        cells = {p: [result(t) for t in c] for p, c in choice['penalty_cells'].items()}
+        md.append(f'| {label} | ' + ' | '.join(
+            fmt(statistics.mean(e[key] for e in cells[p]), digits) if p in cells and all(cells[p]) else '-'
+            for p in floats(penalties)) + ' | |')
+    md += ['',
            f"learned_random keeps each channel with probability {fmt(choice['keep'], 4)} (the chosen learned runs' "
            f"training keep rate); the best dropout rate: {choice['best_dropout'] or '-'}. Length check: "
            + (f"best evaluation at the last one in every tuning seed for {', '.join(choice['unsettled'])}, so the "

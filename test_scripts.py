@@ -266,6 +266,8 @@ def test_reproduce_smoke(data_dir, tmp_path, capsys):
     penalty = min(pen, key=pen.get)
     md = (res / 'results.md').read_text()
     assert f"| mean best val_select CE | {pen[0.1]:.4f} | {pen[0.3]:.4f} | {penalty:g} |" in md
+    test_ce = [select_score(tune / f"learned_shift0_lr{chosen['learned_shift0']:g}{tag}_s2001")[1] for tag in ('', '_pen0.3')]
+    assert f"| mean val_test CE there (not used to choose) | {test_ce[0]:.4f} | {test_ce[1]:.4f} | |" in md
     # S1: every run at its row's rate (learned_random at learned_shift0's) and the chosen penalty; the
     # random control keeps at the rate the chosen learned run kept in training
     conf = lambda stage, name: json.load(open(res / stage / name / 'config.json'))  # noqa: E731
