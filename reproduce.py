@@ -5,7 +5,7 @@ on where training stops, each row at its own learning rate, at two model sizes, 
 $ python reproduce.py --jobs=2 --commit=True   # the whole study, stage by stage; resumable run by run
                                                # (stop it at any time, run it again); finished runs committed
 $ python reproduce.py --report_only=True       # rebuild the tables and charts from results/study/v3/
-$ python reproduce.py --executor=slurm --jobs=40 --slurm_args=slurm_partition=gpu,timeout_min=120
+$ python reproduce.py --executor=slurm --jobs=40 --slurm_args=slurm_partition=cpu,timeout_min=120
                                                # the same runs as Slurm jobs (submitit), collected the same way
 On a GPU, add device=cuda to --train_args, and another --results_dir.
 
@@ -36,14 +36,16 @@ Design, declared before any run (results/study/REPORT.md gives the reasons):
   (its minimum not reached), every main and pilot run trains `lengthen` (1.5) times as many steps, with
   the warm-up scaled alike and the same evaluation interval; the rates stay as tuned.
 - stage s1: rows x seeds (seed0 ...) at the chosen settings (learned_static and learned_shift0 at the
-  chosen penalty). Stage pilot: pilot_rows at S2, half length, one seed, at S1's rate x each of
+  chosen penalty; learned_penalty0.1 is learned_shift0 at its config's weight 0.1, the write-up's, at
+  learned_shift0's rate: added on 2026-12-07, before its runs, when the weight chosen was 0 and the
+  chosen runs' masks kept 99% of channels, so that the masks of the method as written are analysed too). Stage pilot: pilot_rows at S2, half length, one seed, at S1's rate x each of
   pilot_factors; the factor with the lowest sum of best val_select CE over pilot_rows is S2's rule. Stage
   s2: rows2 (best_dropout: the best dropout rate) x seeds2 at S2, each at its S1 rate x that factor.
 - statistics: per size, the declared comparisons (COMPARISONS), paired by seed: mean difference, 95%
   t-interval, two-sided p (scipy.stats.t), Holm-corrected together per size (family-wise 5%).
 - masks: the best evaluation's weights of every learned run of s1 and s2 are kept (model.pt, weights
   only) and mask_analysis.py runs on them over val_test.
-- cost: parameters, FLOPs per token, median ms per step, wall time per run.
+- cost: parameters, FLOPs per token, median ms per training step (the sweep's wall time: REPORT.md).
 
 Runs train in out_root/<stage>/<name>/ (an interrupted run resumes from its ckpt.pt); a finished run's
 metrics.jsonl and config.json (and a main learned run's model.pt and mask analysis) are copied to
@@ -67,7 +69,11 @@ from configurator import ConfigError, configure
 from runtime import model_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-INHERITED = {'moe_flops': 'baseline', 'learned_no_penalty': 'learned_shift0', 'learned_random': 'learned_shift0'}
+INHERITED = {'moe_flops': 'baseline', 'learned_no_penalty': 'learned_shift0', 'learned_random': 'learned_shift0',
+             'learned_penalty0.1': 'learned_shift0'}
+# rows that train another row's config file as written: learned_penalty0.1 is learned_shift0 at the write-up's
+# penalty weight (its config's 0.1) whatever weight the tuning chose
+ALIASES = {'learned_penalty0.1': 'learned_shift0'}
 PENALISED = ['learned_shift0', 'learned_static']  # rows that train at the chosen penalty weight
 DROPOUT_ROWS = ['baseline_dropout0.1', 'baseline_dropout0.2']  # the best of them is S2's best_dropout
 METHOD = 'learned_shift0'  # the method: its penalty weight is tuned, learned_random keeps at its rate
@@ -77,6 +83,8 @@ COMPARISONS = [  # (row, reference): the declared family of each size (rows abse
     ('learned_shift0', 'best_dropout'),
     ('learned_shift0', 'moe_flops'),  # claim 3: a contender to MoE at matched active FLOPs
     ('learned_no_penalty', 'learned_shift0'),  # claim 5: the penalty matters
+    ('learned_penalty0.1', 'learned_shift0'),  # claim 5 when the chosen weight is 0: the write-up's weight against it
+    ('learned_penalty0.1', 'baseline'),  # claim 1 at the write-up's weight
     ('learned_static', 'learned_shift0'),  # is the input needed?
     ('learned_random', 'learned_shift0'),  # is learning the mask needed?
     ('learned_shift0', 'baseline_narrow'),  # the masks at equal width
@@ -87,7 +95,7 @@ LEARNED_WIDTH = 144  # the seed's learned width (config files): such a config tr
 # -----------------------------------------------------------------------------
 stages = 'tune,s1,pilot,s2'  # the stages to run, in this order (each waits for what it needs)
 tuned = 'baseline,baseline_dropout0.1,baseline_dropout0.2,learned_shift0,learned_static,baseline_narrow'  # rows whose rate is tuned
-rows = tuned + ',learned_no_penalty,learned_random,moe_flops'  # S1's rows (untuned ones inherit a rate: INHERITED)
+rows = tuned + ',learned_no_penalty,learned_random,moe_flops,learned_penalty0.1'  # S1's rows (untuned ones inherit a rate: INHERITED)
 # S2's rows; learned_static was declared, and cut as declared (the sweep was over its budget: REPORT.md)
 rows2 = 'baseline,best_dropout,learned_shift0,baseline_narrow'
 pilot_rows = 'baseline,learned_shift0'  # the S2 pilot's rows
@@ -150,7 +158,7 @@ def row_config(row):
     """The settings a config file makes (executed as configurator does)."""
     import types
     scope = {}
-    with open(os.path.join(HERE, 'config', f'{row}.py')) as f:
+    with open(os.path.join(HERE, 'config', f'{ALIASES.get(row, row)}.py')) as f:
         exec(compile(f.read(), f.name, 'exec'), {}, scope)
     return {k: v for k, v in scope.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
 
@@ -354,7 +362,7 @@ def start_run(task):
     """Start training (or resuming) a task's run folder; its output goes to train.log."""
     out_dir = os.path.join(out_root, task['stage'], task['name'])
     resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-    cmd = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', f"{task['row']}.py"),
+    cmd = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', f"{ALIASES.get(task['row'], task['row'])}.py"),
            f'--out_dir={out_dir}', f'--data_dir={data_dir}', f"--wandb_run_name={task['name']}",
            '--init_from=resume' if resume else '--init_from=scratch', '--overwrite=True']
     cmd += [f'--{k}={v}' for k, v in task['settings'].items()]
@@ -632,11 +640,21 @@ def main_settings(row, size_name, seed, choice, factor=1.0, length=1.0):
     return run_settings(row, size_name, seed, choice['lr'][INHERITED.get(row, row)] * factor, extra, length)
 
 
+def same_as_method(row, choice):
+    """Whether a row would train the very runs of the method at the chosen penalty weight (learned_no_penalty
+    when the weight chosen is 0, learned_penalty0.1 when it is 0.1): its config but for the weight."""
+    if INHERITED.get(row) != METHOD or row in PENALISED:
+        return False
+    rest = lambda c: {k: v for k, v in c.items() if k not in ('out_dir', 'penalty_coeff')}  # noqa: E731
+    cfg, method = row_config(row), row_config(METHOD)
+    return rest(cfg) == rest(method) and cfg['penalty_coeff'] == choice['penalty']
+
+
 def size_rows(size_name, choice):
-    """The rows of a size's main stage: S1's (without learned_no_penalty when the chosen penalty is 0,
-    which makes learned_shift0 the same run), or S2's with the best dropout rate."""
+    """The rows of a size's main stage: S1's (without a row that would repeat the method's runs:
+    same_as_method), or S2's with the best dropout rate."""
     if size_name == 'S1':
-        return [r for r in rows.split(',') if not (r == 'learned_no_penalty' and choice['penalty'] == 0)]
+        return [r for r in rows.split(',') if not same_as_method(r, choice)]
     return [choice['best_dropout'] if r == 'best_dropout' else r for r in rows2.split(',')
             if r != 'best_dropout' or choice['best_dropout']]
 
@@ -1039,9 +1057,10 @@ RULES = {
     'pilot_factors': (DISTINCT.format(low='0 <'), "distinct positive finite factors, comma-separated, e.g. 0.5,1,2"),
     'lengthen': 'x >= 1', 'jobs': 'x >= 1', 'executor': "x in ('local', 'slurm', 'submitit_local')",
     'tuned': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),
-    'rows': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),
-    'rows2': (f"set(x.split(',')) <= set({CONFIGS + ['best_dropout']!r})",
-              "a comma-separated list of config names or best_dropout"),
+    'rows': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS + list(ALIASES)!r})",
+             f"a comma-separated list of config names or {', '.join(ALIASES)}"),
+    'rows2': (f"set(x.split(',')) <= set({CONFIGS + list(ALIASES) + ['best_dropout']!r})",
+              f"a comma-separated list of config names, {', '.join(ALIASES)} or best_dropout"),
     'pilot_rows': (f"len(x) > 0 and set(x.split(',')) <= set({CONFIGS!r})", "a comma-separated list of config names"),
 }
 

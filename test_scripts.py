@@ -409,7 +409,7 @@ def test_study_shapes():
     assert one['min_lr'] == 2e-4 and one['lr_decay_iters'] == one['max_iters'] and one['eval_halves'] is True
 
 
-def test_study_tuning_rules(monkeypatch):
+def test_study_tuning_rules(monkeypatch, tmp_path):
     """The choices on planted scores: the lowest mean best val_select wins; a best rate at an edge of the
     grid gets one more rate beyond it, once; the penalty at the method's rate; the best dropout rate; the
     random control's keep rate; the stages wait for what they need."""
@@ -442,6 +442,20 @@ def test_study_tuning_rules(monkeypatch):
     s = reproduce.main_settings('learned_random', 'S1', 1337, c)
     assert s['learning_rate'] == 8e-3 and 0.5 * math.cos(s['shift_init']) + 0.5 == pytest.approx(0.45)
     assert reproduce.main_settings('learned_shift0', 'S1', 1337, c)['penalty_coeff'] == 0.3
+    # learned_penalty0.1: learned_shift0's config file as written (weight 0.1) at its rate, launched as such;
+    # a row that would repeat the method's runs at the chosen weight is left out
+    monkeypatch.setattr(reproduce, 'rows', 'baseline,learned_shift0,learned_no_penalty,learned_penalty0.1')
+    s = reproduce.main_settings('learned_penalty0.1', 'S1', 1337, c)
+    assert s['learning_rate'] == 8e-3 and 'penalty_coeff' not in s
+    assert reproduce.row_config('learned_penalty0.1')['penalty_coeff'] == 0.1
+    launched = []
+    monkeypatch.setattr(reproduce, 'launch', lambda cmd, *a: launched.append(cmd))
+    monkeypatch.setattr(reproduce, 'out_root', str(tmp_path))
+    reproduce.start_run(reproduce.task('s1', 'learned_penalty0.1_s1337', 'learned_penalty0.1', s))
+    assert launched[0][2] == os.path.join(HERE, 'config', 'learned_shift0.py')
+    for weight, dropped in ((0.3, []), (0.0, ['learned_no_penalty']), (0.1, ['learned_penalty0.1'])):
+        rows = reproduce.size_rows('S1', dict(c, penalty=weight))
+        assert set(reproduce.rows.split(',')) - set(rows) == set(dropped), weight
     assert reproduce.size_rows('S2', c)[1] == 'baseline_dropout0.1'
     assert c['length'] == 1.0 and reproduce.main_tasks('s1', c)[0]['settings']['max_iters'] == reproduce.max_iters
     # the length check: dropout 0.1's best evaluation is its last in both tuning seeds at its chosen rate
