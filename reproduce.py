@@ -71,9 +71,9 @@ from runtime import model_module
 HERE = os.path.dirname(os.path.abspath(__file__))
 INHERITED = {'moe_flops': 'baseline', 'learned_no_penalty': 'learned_shift0', 'learned_random': 'learned_shift0',
              'learned_penalty0.1': 'learned_shift0'}
-# rows that train another row's config file as written: learned_penalty0.1 is learned_shift0 at the write-up's
-# penalty weight (its config's 0.1) whatever weight the tuning chose
-ALIASES = {'learned_penalty0.1': 'learned_shift0'}
+# rows that train another row's config file with fixed overrides: learned_penalty0.1 is learned_shift0 at the
+# write-up's penalty weight whatever weight the tuning chose
+ALIASES = {'learned_penalty0.1': ('learned_shift0', {'penalty_coeff': 0.1})}
 PENALISED = ['learned_shift0', 'learned_static']  # rows that train at the chosen penalty weight
 DROPOUT_ROWS = ['baseline_dropout0.1', 'baseline_dropout0.2']  # the best of them is S2's best_dropout
 METHOD = 'learned_shift0'  # the method: its penalty weight is tuned, learned_random keeps at its rate
@@ -154,13 +154,19 @@ def floats(text):
     return [float(x) for x in text.split(',')]
 
 
+def config_path(row):
+    """The config file a row trains (its own, or the one its alias names)."""
+    return os.path.join(HERE, 'config', f'{ALIASES[row][0] if row in ALIASES else row}.py')
+
+
 def row_config(row):
-    """The settings a config file makes (executed as configurator does)."""
+    """The settings a row's config file makes (executed as configurator does), with an alias's overrides."""
     import types
     scope = {}
-    with open(os.path.join(HERE, 'config', f'{ALIASES.get(row, row)}.py')) as f:
+    with open(config_path(row)) as f:
         exec(compile(f.read(), f.name, 'exec'), {}, scope)
-    return {k: v for k, v in scope.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
+    cfg = {k: v for k, v in scope.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
+    return {**cfg, **(ALIASES[row][1] if row in ALIASES else {})}
 
 
 def size(name):
@@ -362,7 +368,7 @@ def start_run(task):
     """Start training (or resuming) a task's run folder; its output goes to train.log."""
     out_dir = os.path.join(out_root, task['stage'], task['name'])
     resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-    cmd = [sys.executable, os.path.join(HERE, 'train.py'), os.path.join(HERE, 'config', f"{ALIASES.get(task['row'], task['row'])}.py"),
+    cmd = [sys.executable, os.path.join(HERE, 'train.py'), config_path(task['row']),
            f'--out_dir={out_dir}', f'--data_dir={data_dir}', f"--wandb_run_name={task['name']}",
            '--init_from=resume' if resume else '--init_from=scratch', '--overwrite=True']
     cmd += [f'--{k}={v}' for k, v in task['settings'].items()]
@@ -634,7 +640,7 @@ def tuning():
 def main_settings(row, size_name, seed, choice, factor=1.0, length=1.0):
     """A main (or pilot) run's settings: its rate (its own or the row's it inherits, times factor), the
     chosen penalty for the penalised rows, the learned rows' training keep rate for learned_random."""
-    extra = {'penalty_coeff': choice['penalty']} if row in PENALISED else {}
+    extra = {'penalty_coeff': choice['penalty']} if row in PENALISED else dict(ALIASES.get(row, ('', {}))[1])
     if row == 'learned_random':  # keep probability q = 0.5 cos(shift) + 0.5
         extra['shift_init'] = math.acos(2 * choice['keep'] - 1)
     return run_settings(row, size_name, seed, choice['lr'][INHERITED.get(row, row)] * factor, extra, length)
@@ -651,12 +657,12 @@ def same_as_method(row, choice):
 
 
 def size_rows(size_name, choice):
-    """The rows of a size's main stage: S1's (without a row that would repeat the method's runs:
-    same_as_method), or S2's with the best dropout rate."""
+    """The rows of a size's main stage, S1's or S2's (best_dropout: the best dropout rate), without a row
+    that would repeat the method's runs (same_as_method)."""
     if size_name == 'S1':
         return [r for r in rows.split(',') if not same_as_method(r, choice)]
     return [choice['best_dropout'] if r == 'best_dropout' else r for r in rows2.split(',')
-            if r != 'best_dropout' or choice['best_dropout']]
+            if (r != 'best_dropout' or choice['best_dropout']) and not same_as_method(r, choice)]
 
 
 def pilot(choice):
@@ -924,16 +930,19 @@ def report(quiet=False):
                   + f' | {chosen} |')
     for row, src in INHERITED.items():
         if row in rows.split(',') + rows2.split(','):
-            md.append(f'| {row} | ' + ' | '.join('' for _ in grid) + f" | {src}'s |")
+            fixed = ''.join(f', {k} {v:g}' for k, v in ALIASES.get(row, ('', {}))[1].items())
+            md.append(f'| {row} | ' + ' | '.join('' for _ in grid) + (
+                f" | not run: {METHOD} at the chosen weight |" if choice['penalty'] is not None and
+                same_as_method(row, choice) else f" | {src}'s{fixed} |"))
     ps = choice['penalty_scores']
     pen = '-' if choice['penalty'] is None else f"{choice['penalty']:g}"
     md += ['', '| learned_shift0 penalty weight | ' + ' | '.join(f'{p:g}' for p in floats(penalties)) + ' | chosen |',
            '|---|' + '---|' * (len(floats(penalties)) + 1),
            '| mean best val_select CE | ' + ' | '.join(cell_text(ps, choice['penalty_partial'], p) for p in floats(penalties))
            + f' | {pen} |']
+    cells = {p: [result(t) for t in c] for p, c in choice['penalty_cells'].items()}
     for label, key, digits in (('mean val_test CE there (not used to choose)', 'primary', 4),
                                ('mean keep rate in training (last 10% of steps)', 'keep_train', 3)):
-        cells = {p: [result(t) for t in c] for p, c in choice['penalty_cells'].items()}
         md.append(f'| {label} | ' + ' | '.join(
             fmt(statistics.mean(e[key] for e in cells[p]), digits) if p in cells and all(cells[p]) else '-'
             for p in floats(penalties)) + ' | |')
@@ -1077,8 +1086,10 @@ def check_rows():
                 if not any(r in have for r in DROPOUT_ROWS):
                     fail(f"{name} has best_dropout but tuned has no dropout row ({', '.join(DROPOUT_ROWS)})")
             elif row not in have and INHERITED.get(row) not in have:
-                fail(f"{name} has {row}, which has no learning rate: add it to tuned"
-                     + (f" or tune {INHERITED[row]}, whose rate it takes" if row in INHERITED else ''))
+                fail(f"{name} has {row}, which has no learning rate: "
+                     + (f"add {INHERITED[row]}, whose rate it takes, to tuned" if row in ALIASES else
+                        f"add it to tuned or tune {INHERITED[row]}, whose rate it takes" if row in INHERITED else
+                        "add it to tuned"))
     if any(r == 'learned_random' for r in rows.split(',') + rows2.split(',')) and METHOD not in have:
         fail(f"learned_random keeps at the rate of the tuned {METHOD}: add {METHOD} to tuned")
 

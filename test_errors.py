@@ -206,6 +206,7 @@ ROWS = [
     ('reproduce.py', '--rows=foo', 1, 'rows must be a comma-separated list of config names'),
     ('reproduce.py', '--rows=baseline,learned_shift0,baseline', 1, 'rows names a row twice'),
     ('reproduce.py', '--tuned=baseline --rows=learned_no_penalty', 1, 'add it to tuned or tune learned_shift0'),
+    ('reproduce.py', '--tuned=baseline --rows=learned_penalty0.1', 1, 'add learned_shift0, whose rate it takes, to tuned'),
     ('reproduce.py', '--tuned=baseline --rows=baseline --rows2=best_dropout', 1, 'tuned has no dropout row'),
     ('reproduce.py', '--stages=s1,s1', 1, 'stages must be a comma-separated list of tune, s1, pilot, s2, each once'),
     ('reproduce.py', '--executor=pbs', 1, "executor must be in ('local', 'slurm', 'submitit_local')"),

@@ -442,11 +442,14 @@ def test_study_tuning_rules(monkeypatch, tmp_path):
     s = reproduce.main_settings('learned_random', 'S1', 1337, c)
     assert s['learning_rate'] == 8e-3 and 0.5 * math.cos(s['shift_init']) + 0.5 == pytest.approx(0.45)
     assert reproduce.main_settings('learned_shift0', 'S1', 1337, c)['penalty_coeff'] == 0.3
-    # learned_penalty0.1: learned_shift0's config file as written (weight 0.1) at its rate, launched as such;
-    # a row that would repeat the method's runs at the chosen weight is left out
+    assert reproduce.size_rows('S2', c)[1] == 'baseline_dropout0.1'
+    # learned_penalty0.1: learned_shift0's config file at weight 0.1 (in its settings, so a changed config
+    # file cannot change it unseen) and at learned_shift0's rate; a row that would repeat the method's runs
+    # at the chosen weight is left out, at either size
     monkeypatch.setattr(reproduce, 'rows', 'baseline,learned_shift0,learned_no_penalty,learned_penalty0.1')
+    monkeypatch.setattr(reproduce, 'rows2', 'baseline,learned_shift0,learned_penalty0.1')
     s = reproduce.main_settings('learned_penalty0.1', 'S1', 1337, c)
-    assert s['learning_rate'] == 8e-3 and 'penalty_coeff' not in s
+    assert s['learning_rate'] == 8e-3 and s['penalty_coeff'] == 0.1
     assert reproduce.row_config('learned_penalty0.1')['penalty_coeff'] == 0.1
     launched = []
     monkeypatch.setattr(reproduce, 'launch', lambda cmd, *a: launched.append(cmd))
@@ -456,7 +459,7 @@ def test_study_tuning_rules(monkeypatch, tmp_path):
     for weight, dropped in ((0.3, []), (0.0, ['learned_no_penalty']), (0.1, ['learned_penalty0.1'])):
         rows = reproduce.size_rows('S1', dict(c, penalty=weight))
         assert set(reproduce.rows.split(',')) - set(rows) == set(dropped), weight
-    assert reproduce.size_rows('S2', c)[1] == 'baseline_dropout0.1'
+    assert reproduce.size_rows('S2', dict(c, penalty=0.1)) == ['baseline', 'learned_shift0']
     assert c['length'] == 1.0 and reproduce.main_tasks('s1', c)[0]['settings']['max_iters'] == reproduce.max_iters
     # the length check: dropout 0.1's best evaluation is its last in both tuning seeds at its chosen rate
     late = True
