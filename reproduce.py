@@ -852,7 +852,8 @@ def mask_chart(done, path, title):
         for j, test in enumerate(('ce_majority', 'ce_mean', 'ce_sampled')):
             ys = [m[test] - m['ce'] for m in masks]
             axes[3].scatter([j - 0.4 + width * (k + 0.5)] * len(ys), ys, s=10, color=color)
-    axes[0].set_yscale('symlog', linthresh=1e-6)
+    axes[0].set_yscale('symlog', linthresh=1e-6)  # log, but a fixed mask's 0 still shows
+    axes[0].set_ylim(bottom=0)
     axes[0].legend(fontsize=7)
     axes[3].set_xticks([0, 1, 2], ['majority', 'keep rate', 'sampled'])
     axes[3].axhline(0, color='k', lw=0.6)
