@@ -154,6 +154,11 @@ def floats(text):
     return [float(x) for x in text.split(',')]
 
 
+def overrides(row):
+    """The settings an alias row fixes on top of its config file ({} for any other row)."""
+    return dict(ALIASES[row][1]) if row in ALIASES else {}
+
+
 def config_path(row):
     """The config file a row trains (its own, or the one its alias names)."""
     return os.path.join(HERE, 'config', f'{ALIASES[row][0] if row in ALIASES else row}.py')
@@ -166,7 +171,7 @@ def row_config(row):
     with open(config_path(row)) as f:
         exec(compile(f.read(), f.name, 'exec'), {}, scope)
     cfg = {k: v for k, v in scope.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
-    return {**cfg, **(ALIASES[row][1] if row in ALIASES else {})}
+    return {**cfg, **overrides(row)}
 
 
 def size(name):
@@ -640,7 +645,7 @@ def tuning():
 def main_settings(row, size_name, seed, choice, factor=1.0, length=1.0):
     """A main (or pilot) run's settings: its rate (its own or the row's it inherits, times factor), the
     chosen penalty for the penalised rows, the learned rows' training keep rate for learned_random."""
-    extra = {'penalty_coeff': choice['penalty']} if row in PENALISED else dict(ALIASES.get(row, ('', {}))[1])
+    extra = {'penalty_coeff': choice['penalty']} if row in PENALISED else overrides(row)
     if row == 'learned_random':  # keep probability q = 0.5 cos(shift) + 0.5
         extra['shift_init'] = math.acos(2 * choice['keep'] - 1)
     return run_settings(row, size_name, seed, choice['lr'][INHERITED.get(row, row)] * factor, extra, length)
@@ -824,13 +829,25 @@ def mask_lines(done):
     return md + [''] + ce
 
 
-def mask_chart(done, path, title):
-    """The mask analysis of every learned run, one dot per seed: per layer, var(M), its within-channel
-    share and MI(mask; token) above its shuffled null; per row, the CE change of the functional tests."""
+def pyplot():
+    """matplotlib.pyplot without a display (imported only when a chart is drawn)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_chart(fig, path):
+    """fig as a png at path, written to a temporary and renamed; the figure is closed."""
     from runtime import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110), os.path.basename(path))
+    pyplot().close(fig)
+
+
+def mask_chart(done, path, title):
+    """The mask analysis of every learned run, one dot per seed: per layer, var(M), its within-channel
+    share and MI(mask; token) above its shuffled null; per row, the CE change of the functional tests."""
+    plt = pyplot()
     runs = {row: [e['masks'] for e in r.values() if 'masks' in e] for row, r in done.items()}
     runs = {row: m for row, m in runs.items() if m}
     if not runs:
@@ -862,17 +879,13 @@ def mask_chart(done, path, title):
         ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110), os.path.basename(path))
-    plt.close(fig)
+    save_chart(fig, path)
 
 
 def along_chart(stats, path, title):
     """The differences along training: each comparison's mean difference in val_test CE at every
     evaluation with its 95% band, one panel each; written atomically."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from runtime import atomic_write
+    plt = pyplot()
     pairs = [k for k, s in stats.items() if len(s['along']) > 1 and s['primary']['n'] >= 2]
     if not pairs:
         return
@@ -894,8 +907,7 @@ def along_chart(stats, path, title):
     fig.supxlabel('step', fontsize=8)
     fig.supylabel('Δ val_test CE (nats), 95% band', fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110), os.path.basename(path))
-    plt.close(fig)
+    save_chart(fig, path)
 
 
 def report(quiet=False):
@@ -931,7 +943,7 @@ def report(quiet=False):
                   + f' | {chosen} |')
     for row, src in INHERITED.items():
         if row in rows.split(',') + rows2.split(','):
-            fixed = ''.join(f', {k} {v:g}' for k, v in ALIASES.get(row, ('', {}))[1].items())
+            fixed = ''.join(f', {k} {v:g}' for k, v in overrides(row).items())
             md.append(f'| {row} | ' + ' | '.join('' for _ in grid) + (
                 f" | not run: {METHOD} at the chosen weight |" if choice['penalty'] is not None and
                 same_as_method(row, choice) else f" | {src}'s{fixed} |"))
