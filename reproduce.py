@@ -43,6 +43,7 @@ Design, declared before any run (results/study/REPORT.md gives the reasons):
   s2: rows2 (best_dropout: the best dropout rate) x seeds2 at S2, each at its S1 rate x that factor.
 - statistics: per size, the declared comparisons (COMPARISONS), paired by seed: mean difference, 95%
   t-interval, two-sided p (scipy.stats.t), Holm-corrected together per size (family-wise 5%).
+  The write-up's claims are worded from them by the rule REPORT.md declares (CLAIMS, verdict()).
 - masks: the best evaluation's weights of every learned run of s1 and s2 are kept (model.pt, weights
   only) and mask_analysis.py runs on them over val_test.
 - cost: parameters, FLOPs per token, median ms per training step (the sweep's wall time: REPORT.md).
@@ -90,6 +91,19 @@ COMPARISONS = [  # (row, reference): the declared family of each size (rows abse
     ('learned_shift0', 'baseline_narrow'),  # the masks at equal width
     ('baseline_dropout0.2', 'baseline'), ('baseline_dropout0.1', 'baseline'), ('best_dropout', 'baseline'),
 ]
+# The write-up's claims, worded by the rule declared in REPORT.md (2026-12-07, before most S1 runs):
+# (claim, row, reference, what the claim predicts for row - reference: -1 lower, +1 higher, 0 within MARGIN)
+CLAIMS = [
+    ('1. beats no dropout', 'learned_shift0', 'baseline', -1),
+    ("1. beats no dropout, at the write-up's weight 0.1", 'learned_penalty0.1', 'baseline', -1),
+    ('2. competitive with dropout (the best rate)', 'learned_shift0', 'best_dropout', 0),
+    ('2. competitive with dropout 0.2', 'learned_shift0', 'baseline_dropout0.2', 0),
+    ('3. a strong contender to MoE (matched active FLOPs)', 'learned_shift0', 'moe_flops', -1),
+    ('5. the penalty matters (no penalty is worse)', 'learned_no_penalty', 'learned_shift0', +1),
+    ('5. the penalty matters (weight 0.1 against the chosen 0)', 'learned_penalty0.1', 'learned_shift0', -1),
+]
+MARGIN = 0.02  # claim 2: "competitive" when the 95% interval of learned - dropout lies below +MARGIN nats
+ALL_KEPT = 0.99  # masks keeping at least this share in evaluation in every layer: the majority test is void
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, 'config')) if f.endswith('.py'))
 LEARNED_WIDTH = 144  # the seed's learned width (config files): such a config trains at the learned shape
 # -----------------------------------------------------------------------------
@@ -797,6 +811,79 @@ def differences(done, pairs):
     return stats, rejected
 
 
+def verdict(s, rejected, predicts):
+    """A claim's word, by the declared rule, from its primary difference s (paired()) and Holm's verdict:
+    "supported" / "contradicted" only when the difference survives Holm; claim 2 (predicts 0) is
+    "competitive" when the interval lies below +MARGIN."""
+    if s['half'] is None:
+        return 'too few seeds'
+    high = s['mean'] + s['half']
+    if predicts == 0:
+        if rejected and s['mean'] > 0:
+            return 'contradicted' + (f' (yet within +{MARGIN:g})' if high < MARGIN else '')
+        return 'competitive' if high < MARGIN else 'not distinguishable'
+    if rejected:
+        return 'supported' if predicts * s['mean'] > 0 else 'contradicted'
+    return 'not distinguishable'
+
+
+def claim_lines(size_name, stats, rejected, best_dropout):
+    """Markdown rows of the claims table at one size. The declared reading rule for rows whose best
+    evaluation is the last one in most seeds (not at their minimum) is applied: a verdict for the claim
+    does not rest on such a row being the one it beats, and one against the claim may be overstated."""
+    out, seen = [], set()
+    for claim, row, ref, predicts in CLAIMS:
+        key = (row, best_dropout if ref == 'best_dropout' else ref)
+        if key not in stats or key in seen:
+            continue  # a row absent at this size; dropout 0.2's line when it is the best rate
+        seen.add(key)
+        st = stats[key]
+        word = verdict(st['primary'], rejected.get(key, False), predicts)
+        inside_row, inside_ref, n = st['inside']
+        unsettled = {name for name, k in zip(key, (inside_row, inside_ref)) if 2 * k < n}
+        favoured, beaten = key[::-1] if predicts > 0 else key
+        if word in ('supported', 'competitive') and beaten in unsettled:
+            word += f' (not relied on: {beaten} had not reached its minimum)'
+        elif word.startswith('contradicted') and favoured in unsettled:
+            word += f' (possibly overstated: {favoured} had not reached its minimum)'
+        settle = ', '.join(f'{name}: last in {n - k} of {n}' for name, k in zip(key, (inside_row, inside_ref))
+                           if name in unsettled) or '-'
+        out.append(f"| {claim} | {size_name} | {key[0]} − {key[1]} | {interval(st['primary'])} | "
+                   f"{fmt(st['primary']['p'], 4)} | {word} | {settle} |")
+    return out
+
+
+def mask_claim_lines(size_name, learned):
+    """Markdown rows: is each input-computed mask row's mask input-dependent, by the declared rule (replacing
+    each channel's mask by its majority value over val_test raises val_test CE, 95% interval above 0)."""
+    out = []
+    for row, runs in learned.items():
+        masks = [e['masks'] for e in runs.values() if 'masks' in e]
+        if row_config(row).get('mask_class') or not masks:
+            continue  # the static and random controls do not read the input by construction
+        s = paired([m['ce_majority'] - m['ce'] for m in masks])
+        keep = min(statistics.mean(m['layers'][li]['keep'] for m in masks) for li in range(len(masks[0]['layers'])))
+        if s['half'] is not None and s['mean'] - s['half'] > 0:
+            word = 'yes: the loss rises without it'
+        elif keep >= ALL_KEPT:
+            word = f'not tested: the masks keep at least {ALL_KEPT:.0%} of channels in every layer in evaluation'
+        else:
+            word = 'not shown: the interval covers 0'
+        out.append(f'| {row} | {size_name} | {interval(s)} | {keep:.3f} | {word} |')
+    return out
+
+
+def direction_lines(per_size):
+    """Markdown rows: each comparison made at both sizes, its mean and interval at each, and whether the
+    signs of the means agree (three seeds at S2: a direction, never a trend)."""
+    if len(per_size) < 2:
+        return []
+    (_, (a, _)), (_, (b, _)) = per_size.items()
+    return [f"| {row} − {ref} | {interval(a[row, ref]['primary'])} | {interval(b[row, ref]['primary'])} | "
+            f"{'same' if a[row, ref]['primary']['mean'] * b[row, ref]['primary']['mean'] > 0 else 'differs'} |"
+            for row, ref in a if (row, ref) in b and b[row, ref]['primary']['half'] is not None]
+
+
 def cell_text(scores, partial, value):
     """A tuning cell: its mean score, or the mean of its finished seeds so far (n of tune_seeds), or -."""
     if value in scores:
@@ -970,6 +1057,7 @@ def report(quiet=False):
            f"| sum of best val_select CE ({pilot_rows.replace(',', ', ')}) | " + ' | '.join(fmt(sums.get(f), 4) for f in floats(pilot_factors))
            + f" | {'-' if factor is None else f'{factor:g}'} |"]
     per_run, diff_rows, along_rows = [], [], []
+    per_size, claims, mask_claims = {}, [], []  # for the claims section, after both sizes
     for stage, s in (('s1', 'S1'), ('s2', 'S2')):  # a stage whose inputs are not chosen yet has no tasks
         done, rates = size_results(tasks[stage])
         if not done:
@@ -991,6 +1079,8 @@ def report(quiet=False):
             per_run += [{'size': s, 'row': row, 'seed': seed, 'lr': lr,
                          **{k: v for k, v in e.items() if k not in ('curve', 'masks')}} for seed, e in sorted(runs.items())]
         stats, rejected = differences(done, comparisons(list(done), choice['best_dropout'], s))
+        per_size[s] = (stats, rejected)
+        claims += claim_lines(s, stats, rejected, choice['best_dropout'])
         head = ['row', 'vs', 'Δ primary [95% CI] (n)', 'p', f'Holm (5%, m={len(rejected)})', 'Δ final val_test [95% CI]',
                 'Δ final train CE [95% CI]', 'best inside (row / ref)', 'Δ along training: sign at evals (+ / − / CI covers 0)']
         md += ['', f'## {s}: paired differences (row − reference, same seed; nats)', '',
@@ -1018,11 +1108,27 @@ def report(quiet=False):
         md += ['', f'## {s}: how input-dependent the masks are (mask_analysis.py on each run\'s best weights, val_test)', '']
         learned = {r: v for r, v in done.items() if row_config(r).get('model_type') == 'learned'}
         md += mask_lines(learned)
+        mask_claims += mask_claim_lines(s, learned)
         md += ['', f'![{s}: the mask analysis, one dot per seed](masks_{s}.png)', '',
                f'![{s}: differences along training](along_{s}.png)']
         if not quiet:
             mask_chart(learned, os.path.join(results_dir, f'masks_{s}.png'), f'{s}: how input-dependent the masks are')
             along_chart(stats, os.path.join(results_dir, f'along_{s}.png'), f'{s}: row − reference along training')
+    if claims or mask_claims:
+        md += ['', "## The write-up's claims, by the wording rule declared in REPORT.md", '',
+               f'"Supported" / "contradicted": the primary difference survives Holm over its size\'s family, in the '
+               f'direction the claim predicts / the other; claim 2 is "competitive" when the 95% interval lies below '
+               f'+{MARGIN:g} nats. Otherwise "not distinguishable": the interval\'s bounds are the largest effects the '
+               f'data leave open. Claim 4 (shift 0 best) is not rerun in v3.', '',
+               '| claim | size | difference | Δ primary [95% CI] (n) | p | verdict | best eval the last one (most seeds) |',
+               '|---|---|---|---|---|---|---|', *claims]
+    if mask_claims:
+        md += ['', '| does the mask depend on the input? | size | majority per channel − CE [95% CI] (n) | '
+               'lowest layer keep (eval) | verdict |', '|---|---|---|---|---|', *mask_claims]
+    directions = direction_lines(per_size)
+    if directions:
+        md += ['', '| direction with size: row − reference | S1 Δ primary [95% CI] (n) | S2 Δ primary [95% CI] (n) | '
+               'sign of the means |', '|---|---|---|---|', *directions]
     os.makedirs(results_dir, exist_ok=True)
 
     def write_text(path, text):

@@ -213,7 +213,7 @@ def test_bench_small_shapes_take_any_learned_or_baseline_config():
 
 
 STUDY_TOY = ['--tuned=baseline,baseline_dropout0.2,learned_shift0', '--rows=baseline,learned_shift0,learned_random',
-             '--rows2=best_dropout,learned_shift0', '--pilot_rows=baseline', '--lrs=1e-3,2e-3',
+             '--rows2=baseline,best_dropout,learned_shift0', '--pilot_rows=baseline', '--lrs=1e-3,2e-3',
              '--penalties=0.1,0.3', '--pilot_factors=1,2', '--lengthen=1', '--tune_seeds=1', '--seeds=2', '--seeds2=2', '--max_iters=4',
              '--eval_interval=2', '--warmup_iters=1', '--train_tokens=3000', '--train_tokens2=4000', '--val_tokens=1500',
              '--vocab_size=300', '--learned_shape=n_layer=1,n_embd=16,n_head=2',
@@ -295,6 +295,12 @@ def test_reproduce_smoke(data_dir, tmp_path, capsys):
     s1 = md[md.index('## S1: paired'):md.index('## S2: results')]
     line = next(x for x in s1.splitlines() if x.startswith('| learned_shift0 | baseline |'))
     assert f'{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n=2)' in line and 'Holm (5%, m=2)' in s1
+    # the claims section words that same difference by the declared rule, and compares the sizes
+    claim = next(x for x in md.splitlines() if x.startswith('| 1. beats no dropout | S1 | learned_shift0 − baseline |'))
+    word = ('supported' if mean < 0 else 'contradicted') if '| distinguishable |' in line else 'not distinguishable'
+    assert f'{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n=2)' in claim and f'| {word}' in claim
+    assert 'does the mask depend on the input?' in md and '| learned_shift0 | S1 | ' in md
+    assert next(x for x in md.splitlines() if x.startswith('| learned_shift0 − baseline | ')).count('(n=2)') == 2
     with open(res / 'along.csv') as f:  # the difference along training, at every evaluation
         along = [x for x in csv.DictReader(f) if (x['size'], x['row'], x['reference']) == ('S1', 'learned_shift0', 'baseline')]
     curves = [{e['iter']: e['val_test/loss'] for e in evals_of(res / 's1' / f'{row}_s1337')} for row in ('learned_shift0', 'baseline')]
@@ -503,6 +509,53 @@ def test_study_statistics_hand_cases():
     assert reproduce.comparisons(['baseline', 'baseline_dropout0.1', 'learned_shift0'], 'baseline_dropout0.1', 'S2') == [
         ('learned_shift0', 'baseline'), ('learned_shift0', 'baseline_dropout0.1'), ('baseline_dropout0.1', 'baseline')]
 
+
+
+def test_study_claim_wording(monkeypatch):
+    """The declared wording rule on planted differences: Holm decides supported / contradicted, claim 2
+    uses the margin, the reading rule flags a row that had not reached its minimum, the majority test
+    is void for masks that keep everything, and the direction with size compares signs."""
+    import reproduce
+    st = lambda mean, half, p=0.01, inside=(3, 3, 3): {  # noqa: E731
+        'primary': {'n': 3, 'mean': mean, 'half': half, 'sd': 0.01, 'p': p}, 'inside': inside}
+    assert reproduce.verdict(st(-0.05, 0.02)['primary'], True, -1) == 'supported'
+    assert reproduce.verdict(st(+0.05, 0.02)['primary'], True, -1) == 'contradicted'
+    assert reproduce.verdict(st(-0.05, 0.02)['primary'], False, -1) == 'not distinguishable'
+    assert reproduce.verdict(st(+0.005, 0.01)['primary'], False, 0) == 'competitive'  # +0.015 < +0.02
+    assert reproduce.verdict(st(+0.015, 0.01)['primary'], False, 0) == 'not distinguishable'  # +0.025
+    assert reproduce.verdict(st(+0.05, 0.02)['primary'], True, 0) == 'contradicted'
+    assert reproduce.verdict(st(+0.012, 0.004)['primary'], True, 0) == 'contradicted (yet within +0.02)'
+    assert reproduce.verdict({'n': 1, 'mean': 0.1, 'half': None, 'p': None}, False, -1) == 'too few seeds'
+    stats = {('learned_shift0', 'baseline'): st(-0.05, 0.02, inside=(3, 1, 3)),  # the baseline last in 2 of 3
+             ('learned_shift0', 'baseline_dropout0.1'): st(+0.05, 0.02, inside=(1, 3, 3)),
+             ('learned_shift0', 'baseline_dropout0.2'): st(+0.01, 0.005, p=0.3)}
+    rejected = {('learned_shift0', 'baseline'): True, ('learned_shift0', 'baseline_dropout0.1'): True,
+                ('learned_shift0', 'baseline_dropout0.2'): False}
+    lines = reproduce.claim_lines('S1', stats, rejected, 'baseline_dropout0.1')
+    assert len(lines) == 3
+    assert '| 1. beats no dropout | S1 | learned_shift0 − baseline | -0.050 [-0.070, -0.030] (n=3) | 0.0100 | ' \
+           'supported (not relied on: baseline had not reached its minimum) | baseline: last in 2 of 3 |' == lines[0]
+    assert 'contradicted (possibly overstated: learned_shift0 had not reached its minimum)' in lines[1]
+    assert 'dropout 0.2 | S1 | learned_shift0 − baseline_dropout0.2 | ' in lines[2] and '| competitive | - |' in lines[2]
+    # at S2 the best rate is dropout 0.2: its line appears once
+    lines = reproduce.claim_lines('S2', stats, rejected, 'baseline_dropout0.2')
+    assert sum('baseline_dropout0.2' in x for x in lines) == 1
+    # the majority test: positive, void (masks keep everything), not shown
+    layer = lambda keep: {'keep': keep}  # noqa: E731
+    mask = lambda ce, maj, keep: {'masks': {'ce': ce, 'ce_majority': maj, 'layers': [layer(1.0), layer(keep)]}}  # noqa: E731
+    learned = {'learned_shift0': {1: mask(4.0, 4.02, 0.5), 2: mask(4.1, 4.13, 0.4), 3: mask(4.2, 4.225, 0.45)},
+               'learned_penalty0.1': {1: mask(4.0, 4.0, 0.995), 2: mask(4.1, 4.1, 0.999)},
+               'learned_no_penalty': {1: mask(4.0, 4.01, 0.5), 2: mask(4.1, 4.09, 0.4)},
+               'learned_static': {1: mask(4.0, 4.5, 0.5), 2: mask(4.1, 4.6, 0.4)}}
+    lines = reproduce.mask_claim_lines('S1', learned)
+    assert len(lines) == 3  # the static control reads no input by construction
+    assert lines[0].startswith('| learned_shift0 | S1 | +0.025 [+0.013, +0.037] (n=3) | 0.450 |') and 'yes: the loss rises without it' in lines[0]
+    assert '| 0.997 | not tested' in lines[1] and 'not shown: the interval covers 0' in lines[2]
+    per_size = {'S1': ({('a', 'b'): st(-0.05, 0.02), ('c', 'b'): st(0.01, 0.02)}, {}),
+                'S2': ({('a', 'b'): st(+0.03, 0.02)}, {})}
+    assert reproduce.direction_lines(per_size) == [
+        '| a − b | -0.050 [-0.070, -0.030] (n=3) | +0.030 [+0.010, +0.050] (n=3) | differs |']
+    assert reproduce.direction_lines({'S1': per_size['S1']}) == []
 
 def test_plot_damaged_runs(tmp_path, capsys):
     """plot.py on hand-written metrics: non-finite losses and ragged keep_per_layer are left out with a
