@@ -97,6 +97,7 @@ CLAIMS = [
     ('1. beats no dropout', 'learned_shift0', 'baseline', -1),
     ("1. beats no dropout, at the write-up's weight 0.1", 'learned_penalty0.1', 'baseline', -1),
     ('2. competitive with dropout (the best rate)', 'learned_shift0', 'best_dropout', 0),
+    ('2. competitive with dropout 0.1', 'learned_shift0', 'baseline_dropout0.1', 0),  # beside the best rate
     ('2. competitive with dropout 0.2', 'learned_shift0', 'baseline_dropout0.2', 0),
     ('3. a strong contender to MoE (matched active FLOPs)', 'learned_shift0', 'moe_flops', -1),
     ('5. the penalty matters (no penalty is worse)', 'learned_no_penalty', 'learned_shift0', +1),
@@ -827,29 +828,42 @@ def verdict(s, rejected, predicts):
     return 'not distinguishable'
 
 
-def claim_lines(size_name, stats, rejected, best_dropout):
-    """Markdown rows of the claims table at one size. The declared reading rule for rows whose best
-    evaluation is the last one in most seeds (not at their minimum) is applied: a verdict for the claim
-    does not rest on such a row being the one it beats, and one against the claim may be overstated."""
-    out, seen = [], set()
+def unsettled(runs):
+    """Whether a row's best evaluation is its last one in most of its seeds (its minimum not reached)."""
+    return 2 * sum(e['inside'] for e in runs.values()) < len(runs)
+
+
+def claim_lines(size_name, done, stats, rejected, best_dropout):
+    """Markdown rows of the claims table at one size. The declared reading rule for a row whose best
+    evaluation is the last one in most seeds is applied: no verdict for a claim rests on such a row being
+    the one the claim beats (the word is withheld), and one against a claim that favours such a row may
+    be overstated. A claim none of whose rows ran at S2 is "not tested at S2"."""
+    out, seen, tested = [], set(), set()
     for claim, row, ref, predicts in CLAIMS:
         key = (row, best_dropout if ref == 'best_dropout' else ref)
         if key not in stats or key in seen:
-            continue  # a row absent at this size; dropout 0.2's line when it is the best rate
+            continue  # a row absent at this size; a dropout rate's own line when it is the best rate
         seen.add(key)
+        tested.add(claim.split(' (')[0])
         st = stats[key]
         word = verdict(st['primary'], rejected.get(key, False), predicts)
-        inside_row, inside_ref, n = st['inside']
-        unsettled = {name for name, k in zip(key, (inside_row, inside_ref)) if 2 * k < n}
+        late = [name for name in key if unsettled(done[name])]
         favoured, beaten = key[::-1] if predicts > 0 else key
-        if word in ('supported', 'competitive') and beaten in unsettled:
-            word += f' (not relied on: {beaten} had not reached its minimum)'
-        elif word.startswith('contradicted') and favoured in unsettled:
+        if word in ('supported', 'competitive') and beaten in late:
+            word = f'withheld: {beaten} had not reached its minimum (else {word})'
+        elif word.startswith('contradicted') and favoured in late:
             word += f' (possibly overstated: {favoured} had not reached its minimum)'
-        settle = ', '.join(f'{name}: last in {n - k} of {n}' for name, k in zip(key, (inside_row, inside_ref))
-                           if name in unsettled) or '-'
+        settle = ', '.join(f"{name}: last in {sum(not e['inside'] for e in done[name].values())} of "
+                           f"{len(done[name])}" for name in late) or '-'
         out.append(f"| {claim} | {size_name} | {key[0]} − {key[1]} | {interval(st['primary'])} | "
                    f"{fmt(st['primary']['p'], 4)} | {word} | {settle} |")
+    if size_name != 'S1':
+        first = {}  # claim number -> its first wording
+        for claim, *_ in CLAIMS:
+            first.setdefault(claim.split('.')[0], claim.split(' (')[0])
+        for number, claim in first.items():
+            if not any(t.split('.')[0] == number for t in tested):
+                out.append(f'| {claim} | {size_name} | - | - | - | not tested at {size_name} | - |')
     return out
 
 
@@ -862,11 +876,15 @@ def mask_claim_lines(size_name, learned):
         if row_config(row).get('mask_class') or not masks:
             continue  # the static and random controls do not read the input by construction
         s = paired([m['ce_majority'] - m['ce'] for m in masks])
-        keep = min(statistics.mean(m['layers'][li]['keep'] for m in masks) for li in range(len(masks[0]['layers'])))
-        if s['half'] is not None and s['mean'] - s['half'] > 0:
+        keep = min(layer['keep'] for m in masks for layer in m['layers'])  # every run's every layer
+        if s['half'] is None:
+            word = 'too few seeds'
+        elif s['mean'] - s['half'] > 0:
             word = 'yes: the loss rises without it'
         elif keep >= ALL_KEPT:
             word = f'not tested: the masks keep at least {ALL_KEPT:.0%} of channels in every layer in evaluation'
+        elif s['mean'] + s['half'] < 0:
+            word = 'not shown: the loss falls with majority masks'
         else:
             word = 'not shown: the interval covers 0'
         out.append(f'| {row} | {size_name} | {interval(s)} | {keep:.3f} | {word} |')
@@ -879,9 +897,13 @@ def direction_lines(per_size):
     if len(per_size) < 2:
         return []
     (_, (a, _)), (_, (b, _)) = per_size.items()
-    return [f"| {row} − {ref} | {interval(a[row, ref]['primary'])} | {interval(b[row, ref]['primary'])} | "
-            f"{'same' if a[row, ref]['primary']['mean'] * b[row, ref]['primary']['mean'] > 0 else 'differs'} |"
-            for row, ref in a if (row, ref) in b and b[row, ref]['primary']['half'] is not None]
+    out = []
+    for key in a:
+        if key in b and b[key]['primary']['half'] is not None:
+            x, y = a[key]['primary']['mean'], b[key]['primary']['mean']
+            out.append(f"| {key[0]} − {key[1]} | {interval(a[key]['primary'])} | {interval(b[key]['primary'])} | "
+                       f"{'same' if x * y > 0 else 'differs' if x * y < 0 else 'a mean is 0'} |")
+    return out
 
 
 def cell_text(scores, partial, value):
@@ -1080,7 +1102,7 @@ def report(quiet=False):
                          **{k: v for k, v in e.items() if k not in ('curve', 'masks')}} for seed, e in sorted(runs.items())]
         stats, rejected = differences(done, comparisons(list(done), choice['best_dropout'], s))
         per_size[s] = (stats, rejected)
-        claims += claim_lines(s, stats, rejected, choice['best_dropout'])
+        claims += claim_lines(s, done, stats, rejected, choice['best_dropout'])
         head = ['row', 'vs', 'Δ primary [95% CI] (n)', 'p', f'Holm (5%, m={len(rejected)})', 'Δ final val_test [95% CI]',
                 'Δ final train CE [95% CI]', 'best inside (row / ref)', 'Δ along training: sign at evals (+ / − / CI covers 0)']
         md += ['', f'## {s}: paired differences (row − reference, same seed; nats)', '',
@@ -1120,11 +1142,11 @@ def report(quiet=False):
                f'direction the claim predicts / the other; claim 2 is "competitive" when the 95% interval lies below '
                f'+{MARGIN:g} nats. Otherwise "not distinguishable": the interval\'s bounds are the largest effects the '
                f'data leave open. Claim 4 (shift 0 best) is not rerun in v3.', '',
-               '| claim | size | difference | Δ primary [95% CI] (n) | p | verdict | best eval the last one (most seeds) |',
+               '| claim | size | difference | Δ primary [95% CI] (n) | p | verdict | rows whose best eval is the last (most seeds) |',
                '|---|---|---|---|---|---|---|', *claims]
     if mask_claims:
         md += ['', '| does the mask depend on the input? | size | majority per channel − CE [95% CI] (n) | '
-               'lowest layer keep (eval) | verdict |', '|---|---|---|---|---|', *mask_claims]
+               'lowest keep (eval; any run, any layer) | verdict |', '|---|---|---|---|---|', *mask_claims]
     directions = direction_lines(per_size)
     if directions:
         md += ['', '| direction with size: row − reference | S1 Δ primary [95% CI] (n) | S2 Δ primary [95% CI] (n) | '

@@ -511,51 +511,78 @@ def test_study_statistics_hand_cases():
 
 
 
-def test_study_claim_wording(monkeypatch):
+def test_study_claim_wording():
     """The declared wording rule on planted differences: Holm decides supported / contradicted, claim 2
-    uses the margin, the reading rule flags a row that had not reached its minimum, the majority test
-    is void for masks that keep everything, and the direction with size compares signs."""
+    uses the margin, the reading rule withholds or flags a verdict that rests on a row not at its
+    minimum, the majority test is void for masks that keep everything, and the direction with size
+    compares signs."""
     import reproduce
-    st = lambda mean, half, p=0.01, inside=(3, 3, 3): {  # noqa: E731
-        'primary': {'n': 3, 'mean': mean, 'half': half, 'sd': 0.01, 'p': p}, 'inside': inside}
-    assert reproduce.verdict(st(-0.05, 0.02)['primary'], True, -1) == 'supported'
-    assert reproduce.verdict(st(+0.05, 0.02)['primary'], True, -1) == 'contradicted'
-    assert reproduce.verdict(st(-0.05, 0.02)['primary'], False, -1) == 'not distinguishable'
-    assert reproduce.verdict(st(+0.005, 0.01)['primary'], False, 0) == 'competitive'  # +0.015 < +0.02
-    assert reproduce.verdict(st(+0.015, 0.01)['primary'], False, 0) == 'not distinguishable'  # +0.025
-    assert reproduce.verdict(st(+0.05, 0.02)['primary'], True, 0) == 'contradicted'
-    assert reproduce.verdict(st(+0.012, 0.004)['primary'], True, 0) == 'contradicted (yet within +0.02)'
+    pr = lambda mean, half, p=0.01: {'n': 3, 'mean': mean, 'half': half, 'sd': 0.01, 'p': p}  # noqa: E731
+    assert reproduce.verdict(pr(-0.05, 0.02), True, -1) == 'supported'
+    assert reproduce.verdict(pr(+0.05, 0.02), True, -1) == 'contradicted'
+    assert reproduce.verdict(pr(-0.05, 0.02), True, +1) == 'contradicted'
+    assert reproduce.verdict(pr(-0.05, 0.02), False, -1) == 'not distinguishable'
+    assert reproduce.verdict(pr(+0.005, 0.01), False, 0) == 'competitive'  # +0.015 < +0.02
+    assert reproduce.verdict(pr(+0.01, 0.01), False, 0) == 'not distinguishable'  # exactly +0.02: not below
+    assert reproduce.verdict(pr(-0.05, 0.02), True, 0) == 'competitive'  # distinguishably below dropout
+    assert reproduce.verdict(pr(+0.05, 0.02), True, 0) == 'contradicted'
+    assert reproduce.verdict(pr(+0.012, 0.004), True, 0) == 'contradicted (yet within +0.02)'
     assert reproduce.verdict({'n': 1, 'mean': 0.1, 'half': None, 'p': None}, False, -1) == 'too few seeds'
-    stats = {('learned_shift0', 'baseline'): st(-0.05, 0.02, inside=(3, 1, 3)),  # the baseline last in 2 of 3
-             ('learned_shift0', 'baseline_dropout0.1'): st(+0.05, 0.02, inside=(1, 3, 3)),
-             ('learned_shift0', 'baseline_dropout0.2'): st(+0.01, 0.005, p=0.3)}
-    rejected = {('learned_shift0', 'baseline'): True, ('learned_shift0', 'baseline_dropout0.1'): True,
-                ('learned_shift0', 'baseline_dropout0.2'): False}
-    lines = reproduce.claim_lines('S1', stats, rejected, 'baseline_dropout0.1')
-    assert len(lines) == 3
-    assert '| 1. beats no dropout | S1 | learned_shift0 − baseline | -0.050 [-0.070, -0.030] (n=3) | 0.0100 | ' \
-           'supported (not relied on: baseline had not reached its minimum) | baseline: last in 2 of 3 |' == lines[0]
-    assert 'contradicted (possibly overstated: learned_shift0 had not reached its minimum)' in lines[1]
-    assert 'dropout 0.2 | S1 | learned_shift0 − baseline_dropout0.2 | ' in lines[2] and '| competitive | - |' in lines[2]
-    # at S2 the best rate is dropout 0.2: its line appears once
-    lines = reproduce.claim_lines('S2', stats, rejected, 'baseline_dropout0.2')
-    assert sum('baseline_dropout0.2' in x for x in lines) == 1
-    # the majority test: positive, void (masks keep everything), not shown
-    layer = lambda keep: {'keep': keep}  # noqa: E731
-    mask = lambda ce, maj, keep: {'masks': {'ce': ce, 'ce_majority': maj, 'layers': [layer(1.0), layer(keep)]}}  # noqa: E731
+    # every claim's pair is a declared comparison (a reversed pair would silently drop its line)
+    declared = set(reproduce.COMPARISONS)
+    assert all((row, ref) in declared for _, row, ref, _ in reproduce.CLAIMS)
+    # the reading rule: "most seeds" is more than half (2 of 3 yes, 1 of 2 no), over all of a row's seeds
+    runs = lambda *inside: {1337 + i: {'inside': x} for i, x in enumerate(inside)}  # noqa: E731
+    done = {'learned_shift0': runs(1, 1, 1), 'baseline': runs(1, 0, 0), 'baseline_dropout0.1': runs(1, 0),
+            'baseline_dropout0.2': runs(1, 1, 1), 'learned_no_penalty': runs(0, 0, 1), 'moe_flops': runs(0, 0, 1)}
+    st = lambda mean, half, p=0.01: {'primary': pr(mean, half, p)}  # noqa: E731
+    stats = {('learned_shift0', 'baseline'): st(-0.05, 0.02), ('learned_shift0', 'baseline_dropout0.1'): st(+0.005, 0.01),
+             ('learned_shift0', 'baseline_dropout0.2'): st(+0.012, 0.004),
+             ('learned_no_penalty', 'learned_shift0'): st(-0.05, 0.02), ('learned_shift0', 'moe_flops'): st(+0.05, 0.02)}
+    rejected = {k: k[1] != 'baseline_dropout0.1' for k in stats}
+    lines = reproduce.claim_lines('S1', done, stats, rejected, 'baseline_dropout0.1')
+    cells = {x.split(' | ')[2]: x.split(' | ')[5:] for x in lines}
+    assert len(lines) == 5 and lines[0] == (
+        '| 1. beats no dropout | S1 | learned_shift0 − baseline | -0.050 [-0.070, -0.030] (n=3) | 0.0100 | '
+        'withheld: baseline had not reached its minimum (else supported) | baseline: last in 2 of 3 |')
+    assert cells['learned_shift0 − baseline_dropout0.1'] == ['competitive', '- |']  # last in 1 of 2: settled
+    assert cells['learned_shift0 − baseline_dropout0.2'] == ['contradicted (yet within +0.02)', '- |']
+    # predicts +1: no penalty worse; it was better, and learned_shift0 (favoured) is settled: no flag
+    assert cells['learned_no_penalty − learned_shift0'][0] == 'contradicted'
+    # against the claim while only the beaten row had not reached its minimum: no flag
+    assert cells['learned_shift0 − moe_flops'] == ['contradicted', 'moe_flops: last in 2 of 3 |']
+    done['learned_shift0'] = runs(0, 0, 1)
+    lines = reproduce.claim_lines('S1', done, stats, rejected, 'baseline_dropout0.1')
+    flagged = [x.split(' | ')[2] for x in lines if '(possibly overstated: learned_shift0 had not' in x]
+    assert flagged == ['learned_shift0 − baseline_dropout0.2', 'learned_shift0 − moe_flops',
+                       'learned_no_penalty − learned_shift0']
+    # at S2 the best rate is dropout 0.2: its line appears once; claims without rows there are not tested
+    lines = reproduce.claim_lines('S2', done, {k: stats[k] for k in list(stats)[:3]}, {}, 'baseline_dropout0.2')
+    assert sum('baseline_dropout0.2 |' in x for x in lines) == 1
+    assert [x.split(' | ')[0] for x in lines if 'not tested at S2' in x] == [
+        '| 3. a strong contender to MoE', '| 5. the penalty matters']
+    # the majority test: positive, void (masks keep everything), below 0, covering 0
+    mask = lambda ce, maj, keep: {'masks': {'ce': ce, 'ce_majority': maj, 'layers': [{'keep': 1.0}, {'keep': keep}]}}  # noqa: E731
     learned = {'learned_shift0': {1: mask(4.0, 4.02, 0.5), 2: mask(4.1, 4.13, 0.4), 3: mask(4.2, 4.225, 0.45)},
                'learned_penalty0.1': {1: mask(4.0, 4.0, 0.995), 2: mask(4.1, 4.1, 0.999)},
-               'learned_no_penalty': {1: mask(4.0, 4.01, 0.5), 2: mask(4.1, 4.09, 0.4)},
+               'learned_no_penalty': {1: mask(4.0, 4.03, 0.5), 2: mask(4.1, 4.09, 0.4)},
+               'learned_fourier': {1: mask(4.0, 3.98, 0.5), 2: mask(4.1, 4.079, 0.4), 3: mask(4.2, 4.18, 0.4)},
+               'learned_soft': {1: mask(4.0, 4.0, 0.98), 2: mask(4.1, 4.1, 1.0)},  # one run below 0.99
                'learned_static': {1: mask(4.0, 4.5, 0.5), 2: mask(4.1, 4.6, 0.4)}}
     lines = reproduce.mask_claim_lines('S1', learned)
-    assert len(lines) == 3  # the static control reads no input by construction
-    assert lines[0].startswith('| learned_shift0 | S1 | +0.025 [+0.013, +0.037] (n=3) | 0.450 |') and 'yes: the loss rises without it' in lines[0]
-    assert '| 0.997 | not tested' in lines[1] and 'not shown: the interval covers 0' in lines[2]
-    per_size = {'S1': ({('a', 'b'): st(-0.05, 0.02), ('c', 'b'): st(0.01, 0.02)}, {}),
-                'S2': ({('a', 'b'): st(+0.03, 0.02)}, {})}
+    assert len(lines) == 5  # the static control reads no input by construction
+    assert lines[0].startswith('| learned_shift0 | S1 | +0.025 [+0.013, +0.037] (n=3) | 0.400 |') and \
+        'yes: the loss rises without it' in lines[0]
+    assert '| 0.995 | not tested' in lines[1] and 'not shown: the interval covers 0' in lines[2]  # mean +0.01
+    assert 'not shown: the loss falls with majority masks' in lines[3]
+    assert '| 0.980 | not shown: the interval covers 0' in lines[4]
+    per_size = {'S1': ({('a', 'b'): st(-0.05, 0.02), ('c', 'b'): st(0.01, 0.02), ('d', 'b'): st(0.02, 0.01)}, {}),
+                'S2': ({('a', 'b'): st(+0.03, 0.02), ('c', 'b'): st(0.02, 0.05), ('d', 'b'): st(0.02, None)}, {})}
     assert reproduce.direction_lines(per_size) == [
-        '| a − b | -0.050 [-0.070, -0.030] (n=3) | +0.030 [+0.010, +0.050] (n=3) | differs |']
+        '| a − b | -0.050 [-0.070, -0.030] (n=3) | +0.030 [+0.010, +0.050] (n=3) | differs |',
+        '| c − b | +0.010 [-0.010, +0.030] (n=3) | +0.020 [-0.030, +0.070] (n=3) | same |']
     assert reproduce.direction_lines({'S1': per_size['S1']}) == []
+
 
 def test_plot_damaged_runs(tmp_path, capsys):
     """plot.py on hand-written metrics: non-finite losses and ragged keep_per_layer are left out with a
