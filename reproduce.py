@@ -828,42 +828,36 @@ def verdict(s, rejected, predicts):
     return 'not distinguishable'
 
 
-def unsettled(runs):
-    """Whether a row's best evaluation is its last one in most of its seeds (its minimum not reached)."""
-    return 2 * sum(e['inside'] for e in runs.values()) < len(runs)
-
-
 def claim_lines(size_name, done, stats, rejected, best_dropout):
     """Markdown rows of the claims table at one size. The declared reading rule for a row whose best
     evaluation is the last one in most seeds is applied: no verdict for a claim rests on such a row being
     the one the claim beats (the word is withheld), and one against a claim that favours such a row may
     be overstated. A claim none of whose rows ran at S2 is "not tested at S2"."""
-    out, seen, tested = [], set(), set()
+    out, seen, tested = [], set(), set()  # tested: claim numbers with a line
     for claim, row, ref, predicts in CLAIMS:
         key = (row, best_dropout if ref == 'best_dropout' else ref)
         if key not in stats or key in seen:
             continue  # a row absent at this size; a dropout rate's own line when it is the best rate
         seen.add(key)
-        tested.add(claim.split(' (')[0])
+        tested.add(claim.split('.')[0])
         st = stats[key]
         word = verdict(st['primary'], rejected.get(key, False), predicts)
-        late = [name for name in key if unsettled(done[name])]
+        last = {name: sum(not e['inside'] for e in done[name].values()) for name in key}  # best eval the last
+        late = [name for name in key if 2 * last[name] > len(done[name])]  # in most of its seeds
         favoured, beaten = key[::-1] if predicts > 0 else key
         if word in ('supported', 'competitive') and beaten in late:
             word = f'withheld: {beaten} had not reached its minimum (else {word})'
         elif word.startswith('contradicted') and favoured in late:
             word += f' (possibly overstated: {favoured} had not reached its minimum)'
-        settle = ', '.join(f"{name}: last in {sum(not e['inside'] for e in done[name].values())} of "
-                           f"{len(done[name])}" for name in late) or '-'
+        settle = ', '.join(f'{name}: last in {last[name]} of {len(done[name])}' for name in late) or '-'
         out.append(f"| {claim} | {size_name} | {key[0]} − {key[1]} | {interval(st['primary'])} | "
                    f"{fmt(st['primary']['p'], 4)} | {word} | {settle} |")
     if size_name != 'S1':
         first = {}  # claim number -> its first wording
         for claim, *_ in CLAIMS:
             first.setdefault(claim.split('.')[0], claim.split(' (')[0])
-        for number, claim in first.items():
-            if not any(t.split('.')[0] == number for t in tested):
-                out.append(f'| {claim} | {size_name} | - | - | - | not tested at {size_name} | - |')
+        out += [f'| {claim} | {size_name} | - | - | - | not tested at {size_name} | - |'
+                for number, claim in first.items() if number not in tested]
     return out
 
 
@@ -892,11 +886,11 @@ def mask_claim_lines(size_name, learned):
 
 
 def direction_lines(per_size):
-    """Markdown rows: each comparison made at both sizes, its mean and interval at each, and whether the
+    """Markdown rows from {size: stats of differences()}: each comparison made at both sizes, its mean and interval at each, and whether the
     signs of the means agree (three seeds at S2: a direction, never a trend)."""
     if len(per_size) < 2:
         return []
-    (_, (a, _)), (_, (b, _)) = per_size.items()
+    a, b = per_size.values()
     out = []
     for key in a:
         if key in b and b[key]['primary']['half'] is not None:
@@ -1101,7 +1095,7 @@ def report(quiet=False):
             per_run += [{'size': s, 'row': row, 'seed': seed, 'lr': lr,
                          **{k: v for k, v in e.items() if k not in ('curve', 'masks')}} for seed, e in sorted(runs.items())]
         stats, rejected = differences(done, comparisons(list(done), choice['best_dropout'], s))
-        per_size[s] = (stats, rejected)
+        per_size[s] = stats
         claims += claim_lines(s, done, stats, rejected, choice['best_dropout'])
         head = ['row', 'vs', 'Δ primary [95% CI] (n)', 'p', f'Holm (5%, m={len(rejected)})', 'Δ final val_test [95% CI]',
                 'Δ final train CE [95% CI]', 'best inside (row / ref)', 'Δ along training: sign at evals (+ / − / CI covers 0)']

@@ -576,8 +576,8 @@ def test_study_claim_wording():
     assert '| 0.995 | not tested' in lines[1] and 'not shown: the interval covers 0' in lines[2]  # mean +0.01
     assert 'not shown: the loss falls with majority masks' in lines[3]
     assert '| 0.980 | not shown: the interval covers 0' in lines[4]
-    per_size = {'S1': ({('a', 'b'): st(-0.05, 0.02), ('c', 'b'): st(0.01, 0.02), ('d', 'b'): st(0.02, 0.01)}, {}),
-                'S2': ({('a', 'b'): st(+0.03, 0.02), ('c', 'b'): st(0.02, 0.05), ('d', 'b'): st(0.02, None)}, {})}
+    per_size = {'S1': {('a', 'b'): st(-0.05, 0.02), ('c', 'b'): st(0.01, 0.02), ('d', 'b'): st(0.02, 0.01)},
+                'S2': {('a', 'b'): st(+0.03, 0.02), ('c', 'b'): st(0.02, 0.05), ('d', 'b'): st(0.02, None)}}
     assert reproduce.direction_lines(per_size) == [
         '| a − b | -0.050 [-0.070, -0.030] (n=3) | +0.030 [+0.010, +0.050] (n=3) | differs |',
         '| c − b | +0.010 [-0.010, +0.030] (n=3) | +0.020 [-0.030, +0.070] (n=3) | same |']
