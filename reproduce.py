@@ -753,6 +753,10 @@ def fmt(x, digits=3, signed=False):
     return '-' if x is None else f"{x:{'+' if signed else ''}.{digits}f}"
 
 
+def fmt_p(p):
+    return '-' if p is None else '<0.0001' if p < 1e-4 else f'{p:.4f}'
+
+
 def mean_sd(values, digits=3):
     values = [v for v in values if v is not None]
     if not values:
@@ -851,7 +855,7 @@ def claim_lines(size_name, done, stats, rejected, best_dropout):
             word += f' (possibly overstated: {favoured} had not reached its minimum)'
         settle = ', '.join(f'{name}: last in {last[name]} of {len(done[name])}' for name in late) or '-'
         out.append(f"| {claim} | {size_name} | {key[0]} − {key[1]} | {interval(st['primary'])} | "
-                   f"{fmt(st['primary']['p'], 4)} | {word} | {settle} |")
+                   f"{fmt_p(st['primary']['p'])} | {word} | {settle} |")
     if size_name != 'S1':
         first = {}  # claim number -> its first wording
         for claim, *_ in CLAIMS:
@@ -1079,7 +1083,7 @@ def report(quiet=False):
         if not done:
             continue
         head = ['row', 'seeds', 'lr', 'params (active)', 'FLOPs/token', 'val_test CE at best val_select (primary)',
-                'final val_test CE', 'final train CE', 'best eval inside the run', 'best step', 'keep (train)',
+                'final val_test CE', 'final train CE', 'best eval inside the run', 'best step (mean)', 'keep (train)',
                 'ms/step']
         md += ['', f'## {s}: results (mean ± SD over seeds)', '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for row, runs in done.items():
@@ -1107,7 +1111,7 @@ def report(quiet=False):
             verdict = '-' if key not in rejected else ('distinguishable' if rejected[key] else 'not distinguishable')
             signs = [('+' if x['mean'] - x['half'] > 0 else '−' if x['mean'] + x['half'] < 0 else '0')
                      for _, x in st['along'] if x['half'] is not None]
-            md.append('| ' + ' | '.join([key[0], key[1], interval(st['primary']), fmt(st['primary']['p'], 4), verdict,
+            md.append('| ' + ' | '.join([key[0], key[1], interval(st['primary']), fmt_p(st['primary']['p']), verdict,
                                          interval(st['final_test']), interval(st['final_train']),
                                          f"{st['inside'][0]} / {st['inside'][1]} of {st['inside'][2]}",
                                          f"{signs.count('+')} / {signs.count('−')} / {signs.count('0')}"]) + ' |')
