@@ -753,6 +753,24 @@ def fmt(x, digits=3, signed=False):
     return '-' if x is None else f"{x:{'+' if signed else ''}.{digits}f}"
 
 
+def along_signs(along):
+    """[(step, sign)] of the difference along training: '+' / '−' where its 95% band lies above / below 0, '0'
+    where it covers 0 (steps with a single seed are left out)."""
+    return [(i, '+' if x['mean'] - x['half'] > 0 else '−' if x['mean'] + x['half'] < 0 else '0')
+            for i, x in along if x['half'] is not None]
+
+
+def sign_runs(signs):
+    """along_signs() as runs of one sign with their steps, e.g. '0 at 0; − 120-1440; + 1560-3600'."""
+    runs = []
+    for i, sign in signs:
+        if runs and runs[-1][0] == sign:
+            runs[-1][2] = i
+        else:
+            runs.append([sign, i, i])
+    return '; '.join(f'{sign} at {a}' if a == b else f'{sign} {a}-{b}' for sign, a, b in runs)
+
+
 def fmt_p(p):
     return '-' if p is None else '<0.0001' if p < 1e-4 else f'{p:.4f}'
 
@@ -1102,19 +1120,20 @@ def report(quiet=False):
         per_size[s] = stats
         claims += claim_lines(s, done, stats, rejected, choice['best_dropout'])
         head = ['row', 'vs', 'Δ primary [95% CI] (n)', 'p', f'Holm (5%, m={len(rejected)})', 'Δ final val_test [95% CI]',
-                'Δ final train CE [95% CI]', 'best inside (row / ref)', 'Δ along training: sign at evals (+ / − / CI covers 0)']
+                'Δ final train CE [95% CI]', 'best inside (row / ref)', 'Δ along training: sign at evals (+ / − / CI covers 0)',
+                'Δ along training by step']
         md += ['', f'## {s}: paired differences (row − reference, same seed; nats)', '',
                'The primary comparisons are Holm-corrected together; "distinguishable" means the difference from zero '
                'survives the correction. Other columns: uncorrected 95% intervals.', '',
                '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for key, st in stats.items():
             verdict = '-' if key not in rejected else ('distinguishable' if rejected[key] else 'not distinguishable')
-            signs = [('+' if x['mean'] - x['half'] > 0 else '−' if x['mean'] + x['half'] < 0 else '0')
-                     for _, x in st['along'] if x['half'] is not None]
+            signs = along_signs(st['along'])
+            count = [sign for _, sign in signs].count
             md.append('| ' + ' | '.join([key[0], key[1], interval(st['primary']), fmt_p(st['primary']['p']), verdict,
                                          interval(st['final_test']), interval(st['final_train']),
                                          f"{st['inside'][0]} / {st['inside'][1]} of {st['inside'][2]}",
-                                         f"{signs.count('+')} / {signs.count('−')} / {signs.count('0')}"]) + ' |')
+                                         f"{count('+')} / {count('−')} / {count('0')}", sign_runs(signs)]) + ' |')
             for endpoint in ('primary', 'final_test', 'final_train'):
                 e = st[endpoint]
                 diff_rows.append({'size': s, 'row': key[0], 'reference': key[1], 'endpoint': endpoint, 'n': e['n'],

@@ -508,6 +508,13 @@ def test_study_statistics_hand_cases():
         ('baseline_dropout0.2', 'baseline'), ('baseline_dropout0.1', 'baseline')]
     assert reproduce.comparisons(['baseline', 'baseline_dropout0.1', 'learned_shift0'], 'baseline_dropout0.1', 'S2') == [
         ('learned_shift0', 'baseline'), ('learned_shift0', 'baseline_dropout0.1'), ('baseline_dropout0.1', 'baseline')]
+    # the difference along training by sign: the band's side of 0 at each step, consecutive steps merged
+    along = [(0, {'mean': 0.0, 'half': 0.0}), (1, {'mean': 0.0, 'half': None}), (2, {'mean': -0.3, 'half': 0.1}),
+             (4, {'mean': -0.2, 'half': 0.1}), (6, {'mean': 0.05, 'half': 0.1}), (8, {'mean': 0.2, 'half': 0.1}),
+             (10, {'mean': 0.1, 'half': 0.1})]  # at 10 the band touches 0: covers it
+    signs = reproduce.along_signs(along)
+    assert signs == [(0, '0'), (2, '−'), (4, '−'), (6, '0'), (8, '+'), (10, '0')]
+    assert reproduce.sign_runs(signs) == '0 at 0; − 2-4; 0 at 6; + at 8; 0 at 10'
 
 
 
