@@ -753,11 +753,14 @@ def fmt(x, digits=3, signed=False):
     return '-' if x is None else f"{x:{'+' if signed else ''}.{digits}f}"
 
 
+def side(s):
+    """Where the 95% interval of paired() statistics s lies: '+' above 0, '−' below, '0' covering it."""
+    return '+' if s['mean'] - s['half'] > 0 else '−' if s['mean'] + s['half'] < 0 else '0'
+
+
 def along_signs(along):
-    """[(step, sign)] of the difference along training: '+' / '−' where its 95% band lies above / below 0, '0'
-    where it covers 0 (steps with a single seed are left out)."""
-    return [(i, '+' if x['mean'] - x['half'] > 0 else '−' if x['mean'] + x['half'] < 0 else '0')
-            for i, x in along if x['half'] is not None]
+    """[(step, side())] of the difference along training (steps with a single seed are left out)."""
+    return [(i, side(x)) for i, x in along if x['half'] is not None]
 
 
 def sign_runs(signs):
@@ -895,11 +898,11 @@ def mask_claim_lines(size_name, learned):
         keep = min(layer['keep'] for m in masks for layer in m['layers'])  # every run's every layer
         if s['half'] is None:
             word = 'too few seeds'
-        elif s['mean'] - s['half'] > 0:
+        elif side(s) == '+':
             word = 'yes: the loss rises without it'
         elif keep >= ALL_KEPT:
             word = f'not tested: the masks keep at least {ALL_KEPT:.0%} of channels in every layer in evaluation'
-        elif s['mean'] + s['half'] < 0:
+        elif side(s) == '−':
             word = 'not shown: the loss falls with majority masks'
         else:
             word = 'not shown: the interval covers 0'
@@ -908,8 +911,8 @@ def mask_claim_lines(size_name, learned):
 
 
 def direction_lines(per_size):
-    """Markdown rows from {size: stats of differences()}: each comparison made at both sizes, its mean and interval at each, and whether the
-    signs of the means agree (three seeds at S2: a direction, never a trend)."""
+    """Markdown rows from {size: stats of differences()}: each comparison made at both sizes, its mean and
+    interval at each, and whether the signs of the means agree (three seeds at S2: a direction, never a trend)."""
     if len(per_size) < 2:
         return []
     a, b = per_size.values()
