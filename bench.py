@@ -224,7 +224,6 @@ def main():
         sys.exit(f"bench.py: error: {e}")
     dev_type = dev.split(':')[0]
     dtypes = list(dict.fromkeys(pick_dtype(d, dev_type) for d in dtype.split(',')))
-    dt = dtypes[0]
     setup_device(dev_type)
     if threads:
         torch.set_num_threads(threads)
@@ -270,14 +269,15 @@ def main():
                         up = rows[kind, dtypes[0]]['s'] / rows[kind, d]['s']
                         print(f"{'':9} {kind}: {d} is {up:.2f}x the speed of {dtypes[0]}")
                         dtype_speedups.append(f"{shape}/{mode} {kind} {d} {up:.2f}x")
-                if shape == 'seed' and ('learned', dt) in rows:
-                    hours = seed_run_steps * seed_run_accum * (50 / B) * rows['learned', dt]['s'] / 3600
-                    print(f"{'':9} projected full seed run (learned, {dt}, {seed_run_steps} steps of 50 x "
-                          f"{seed_run_accum} sequences) on this device, {mode}: {hours:.1f} h")
+                for d in dtypes if shape == 'seed' else []:
+                    if ('learned', d) in rows:
+                        hours = seed_run_steps * seed_run_accum * (50 / B) * rows['learned', d]['s'] / 3600
+                        print(f"{'':9} projected full seed run (learned, {d}, {seed_run_steps} steps of 50 x "
+                              f"{seed_run_accum} sequences) on this device, {mode}: {hours:.1f} h")
     if generate:
         for shape in gen_shapes.split(','):
             print(f"\ngeneration: {shape} learned model, top_k 200")
-            for n_prompt, n_new, cached, full in bench_generate(shape, dev, dt):
+            for n_prompt, n_new, cached, full in bench_generate(shape, dev, dtypes[0]):  # in the first dtype
                 print(f"prompt {n_prompt:4} + {n_new:4} new tokens: KV cache {cached:7.1f} tok/s, "
                       f"full recompute {full:7.1f} tok/s, speed-up {cached / full:.2f}x")
                 gen_speedups.append(f"{shape} prompt {n_prompt} {cached / full:.2f}x")

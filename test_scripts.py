@@ -212,6 +212,27 @@ def test_bench_small_shapes_take_any_learned_or_baseline_config():
         bench.model_spec('moe_params', 'small')
 
 
+def test_bench_projects_the_seed_run_in_every_dtype(monkeypatch, capsys):
+    """The projected wall time of the full seed run is printed for each dtype asked for, from that dtype's
+    step time (bench_train faked: its figures are made up)."""
+    import bench
+    for k in ('shapes', 'modes', 'dtype', 'generate', 'memory', 'batch_size'):  # main() sets them: restored after
+        monkeypatch.setattr(bench, k, getattr(bench, k))
+    step_s = {'float32': 2.0, 'bfloat16': 1.0}
+
+    def fake_train(shape, mode, dev, dtypes, B):
+        return {(kind, d): dict(params=1, active=1, s=step_s[d], tok_s=1.0, mem_mib=None, mfu=None, flops_tok=1e9,
+                                warmup_s=0.0) for d in dtypes for kind in ('learned', 'baseline')}
+    monkeypatch.setattr(bench, 'bench_train', fake_train)
+    monkeypatch.setattr(bench, 'check_memory', lambda *a, **k: None)
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--shapes=seed', '--modes=eager', '--dtype=float32,bfloat16',
+                                      '--batch_size=25', '--generate=False', '--memory=False'])
+    bench.main()
+    hours = dict(re.findall(r'projected full seed run \(learned, (\w+), .*: ([\d.]+) h', capsys.readouterr().out))
+    per_step = bench.seed_run_steps * bench.seed_run_accum * (50 / 25) / 3600  # hours per second of micro-step
+    assert hours == {d: f'{s * per_step:.1f}' for d, s in step_s.items()}
+
+
 STUDY_TOY = ['--tuned=baseline,baseline_dropout0.2,learned_shift0', '--rows=baseline,learned_shift0,learned_random',
              '--rows2=baseline,best_dropout,learned_shift0', '--pilot_rows=baseline', '--lrs=1e-3,2e-3',
              '--penalties=0.1,0.3', '--pilot_factors=1,2', '--lengthen=1', '--tune_seeds=1', '--seeds=2', '--seeds2=2', '--max_iters=4',
