@@ -3,15 +3,18 @@ How much do a learned model's masks depend on the input? For any checkpoint of m
 class: the method, its variants, a user's own) and a split of its data, per layer:
 
 - variance: the share of M's variance that lies within channels (across tokens) and between channels
-  (law of total variance: within + between = 1). A fixed pruning pattern is all "between".
-- keep rates: the distribution of each channel's eval keep rate (R = [M >= 0.5]) over the split, and the
-  share of channels whose eval mask is constant over it (always kept or always dropped).
+  (law of total variance: within + between = 1). A fixed pruning pattern is all "between"; a mask that
+  does not vary at all (var(M) = 0, e.g. RandomMask's in eval) has no shares (None).
+- keep rates: the distribution of each channel's eval keep rate (the share of tokens where its eval mask
+  R is 1) over the split, and the share of channels whose eval mask is constant over it (always kept or
+  always dropped). Soft masks (R = M, e.g. SoftMask) have no 0/1 mask: their keep rates and mutual
+  information read R as [M >= 0.5], and they have no sampled test (None).
 - mutual information (bits) between a channel's eval mask and the current token id, averaged over
   channels, against the same estimate with the token ids shuffled over positions (the plug-in estimate's
   bias; ids beyond the most frequent `top_tokens` are pooled into one).
 - functional test: cross-entropy of the split with the masks as they are; with each channel's mask
-  replaced by its majority value over the split (a fixed pruning pattern); by its keep rate (a fixed
-  soft mask); and with masks sampled from Bernoulli(M), the mean cross-entropy over `draws` draws.
+  replaced by its majority value over the split (a fixed pruning pattern); by its mean R over the
+  split (a fixed soft mask: the keep rate, or a soft mask's mean M); and with masks sampled from Bernoulli(M), the mean cross-entropy over `draws` draws.
   If the majority pattern loses nothing, what the masks see does not matter for the loss.
 
 $ python mask_analysis.py --out_dir=out/quick_learned
@@ -58,8 +61,9 @@ def learned_dropouts(model):
 
 
 class Recorder:
-    """Forward hooks on every layer's LearnedDropout: record (M, R) of each call, or replace R by a fixed
-    per-channel mask (the functional test). The model's code is not touched."""
+    """Forward hooks on every layer's LearnedDropout: record (M, R) of each call (on the CPU, where the
+    statistics accumulate), or replace R by a fixed per-channel mask (the functional test). The model's
+    code is not touched."""
 
     def __init__(self, model):
         self.records, self.fixed, self.recording = [], None, True
@@ -69,10 +73,10 @@ class Recorder:
         def run(module, inputs, output):
             y, m, r = output
             if self.fixed is not None:  # (n_layer, C): the same mask for every token
-                r = self.fixed[layer].to(y.dtype).expand_as(r)
+                r = self.fixed[layer].to(y.device, y.dtype).expand_as(r)
                 return inputs[0] * r, m, r
             if self.recording:
-                self.records.append((layer, m.detach().float(), r.detach().float()))
+                self.records.append((layer, m.detach().float().cpu(), r.detach().float().cpu()))
         return run
 
 
@@ -81,7 +85,7 @@ def analyse(model, windows, n_layer, vocab_size):
     """Every statistic of the module docstring, from the (x, y) windows (a list of batches)."""
     C = model.config.n_embd
     rec = Recorder(model)
-    ids = torch.cat([x.flatten() for x, _ in windows])  # the current token at every position
+    ids = torch.cat([x.flatten() for x, _ in windows]).cpu()  # the current token at every position
     freq = torch.bincount(ids, minlength=vocab_size)
     top = freq.argsort(descending=True)[:top_tokens]
     bucket = torch.full((vocab_size,), len(top), dtype=torch.long)
@@ -89,40 +93,46 @@ def analyse(model, windows, n_layer, vocab_size):
     K = len(top) + 1
     gen = torch.Generator().manual_seed(seed)
     shuffled = bucket[ids][torch.randperm(len(ids), generator=gen)]
-    m_sum, m_sq, keep = (torch.zeros(n_layer, C, dtype=torch.float64) for _ in range(3))
+    m_sum, m_sq, keep, r_sum = (torch.zeros(n_layer, C, dtype=torch.float64) for _ in range(4))
     counts = torch.zeros(n_layer, 2, C, K, 2, dtype=torch.float64)  # (layer, real/shuffled ids, channel, id, R)
-    n, pos, ce_sum = 0, 0, 0.0
+    n, pos, ce_sum, soft = 0, 0, 0.0, False
     for x, y in windows:
         rec.records.clear()
         _, loss = model(x, y)
         ce_sum += loss.item() * x.numel()
-        b = bucket[x.flatten()]
+        b = bucket[x.flatten().cpu()]
         s = shuffled[pos:pos + x.numel()]
         pos += x.numel()
         for layer, m, r in rec.records:
             m, r = m.reshape(-1, C).double(), r.reshape(-1, C)
+            if not soft and not ((r == 0) | (r == 1)).all():
+                soft = True  # R = M: no 0/1 mask
+            hard = (m >= 0.5) if soft else (r == 1)  # (N, C) the eval mask as 0/1
             m_sum[layer] += m.sum(0)
             m_sq[layer] += (m * m).sum(0)
-            keep[layer] += r.sum(0).double()
+            keep[layer] += hard.sum(0).double()
+            r_sum[layer] += r.sum(0).double()
             for j, ids_j in enumerate((b, s)):
-                idx = (ids_j.unsqueeze(1) * 2 + r.long()).T  # (C, N): id bucket and R in one index
+                idx = (ids_j.unsqueeze(1) * 2 + hard.long()).T  # (C, N): id bucket and R in one index
                 counts[layer, j].view(C, -1).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
         n += x.numel()
     mean = m_sum / n  # (layer, C)
-    within = (m_sq / n - mean ** 2).mean(1)  # mean over channels of the variance across tokens
+    # mean over channels of the variance across tokens (>= 0: E[M^2] - E[M]^2 can round below 0)
+    within = (m_sq / n - mean ** 2).clamp_min(0).mean(1)
     between = mean.var(1, unbiased=False)  # variance of the channel means
-    total = (within + between).clamp_min(1e-30)
+    total = within + between
     rates = keep / n  # (layer, C) eval keep rate of each channel
     mi = mutual_information(counts)  # (layer, 2): real ids, shuffled ids
 
     # the functional test: the same windows with masks fixed per channel, or sampled
     rec.recording = False
     out = {'ce': ce_sum / n}
-    for name, fixed in (('ce_majority', (rates >= 0.5).float()), ('ce_mean', rates.float())):
+    for name, fixed in (('ce_majority', (rates >= 0.5).float()), ('ce_mean', (r_sum / n).float())):
         rec.fixed = fixed
         out[name] = sum(model(x, y)[1].item() * x.numel() for x, y in windows) / n
     rec.fixed = None
-    if hasattr(model, 'set_mask_mode'):
+    out['ce_sampled'] = None  # soft masks are not sampled
+    if hasattr(model, 'set_mask_mode') and not soft:
         model.set_mask_mode('stochastic')
         torch.manual_seed(seed)
         out['ce_sampled'] = sum(model(x, y)[1].item() * x.numel() for x, y in windows for _ in range(draws)) / (n * draws)
@@ -132,12 +142,13 @@ def analyse(model, windows, n_layer, vocab_size):
     layers = []
     for i in range(n_layer):
         q = torch.quantile(rates[i], torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)).tolist()
-        layers.append({'layer': i, 'within_share': (within[i] / total[i]).item(),
-                       'between_share': (between[i] / total[i]).item(), 'm_var': total[i].item(),
+        varies = total[i] > 1e-12  # else the shares are 0 / 0
+        layers.append({'layer': i, 'within_share': (within[i] / total[i]).item() if varies else None,
+                       'between_share': (between[i] / total[i]).item() if varies else None, 'm_var': total[i].item(),
                        'keep': rates[i].mean().item(), 'keep_quantiles': dict(zip(('0', '10', '50', '90', '100'), q)),
                        'constant_share': ((rates[i] == 0) | (rates[i] == 1)).double().mean().item(),
                        'mi_bits': mi[i, 0].item(), 'mi_null_bits': mi[i, 1].item()})
-    return dict(out, tokens=n, layers=layers)
+    return dict(out, tokens=n, soft_masks=soft, layers=layers)
 
 
 def mutual_information(counts):
@@ -195,13 +206,16 @@ def main(argv):
     print(f"{out_dir}/{checkpoint} (iter {result['iter']}, {result['mask_class']}), {split}: {result['tokens']:,} tokens")
     print(f"{'layer':>5} {'within':>7} {'between':>7} {'keep':>6} {'const':>6} {'keep p10/p50/p90':>18} "
           f"{'MI bits':>8} {'null':>8}")
+    share = lambda v: '-' if v is None else f'{v:.3f}'  # None: M does not vary
     for r in result['layers']:
         q = r['keep_quantiles']
-        print(f"{r['layer']:>5} {r['within_share']:>7.3f} {r['between_share']:>7.3f} {r['keep']:>6.3f} "
+        print(f"{r['layer']:>5} {share(r['within_share']):>7} {share(r['between_share']):>7} {r['keep']:>6.3f} "
               f"{r['constant_share']:>6.3f} {q['10']:>6.2f}/{q['50']:.2f}/{q['90']:.2f} "
               f"{r['mi_bits']:>8.4f} {r['mi_null_bits']:>8.4f}")
+    sampled = ('none (soft masks)' if result['ce_sampled'] is None
+               else f"{result['ce_sampled']:.4f} ({draws} draws)")
     print(f"cross-entropy: masks as they are {result['ce']:.4f}; majority per channel {result['ce_majority']:.4f}; "
-          f"keep rate per channel {result['ce_mean']:.4f}; sampled ({draws} draws) {result['ce_sampled']:.4f}")
+          f"mean R per channel {result['ce_mean']:.4f}; sampled {sampled}")
     dst = out or os.path.join(out_dir, f"mask_analysis_{os.path.splitext(checkpoint)[0]}_{split}.json")
     try:
         save_json(result, dst, 'report')

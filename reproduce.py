@@ -932,6 +932,11 @@ def cell_text(scores, partial, value):
     return f"{partial[value][0]:.4f} ({partial[value][1]} of {tune_seeds} seeds)" if value in partial else '-'
 
 
+def within_share(layer):
+    """A layer's within-channel share of var(M), None where M does not vary (0 / 0; older reports wrote 0)."""
+    return layer['within_share'] if layer['m_var'] > 1e-12 else None
+
+
 def mask_lines(done):
     """Markdown lines of the mask analysis of the learned rows (mean over seeds, per layer)."""
     head = ['row', 'layer', 'var(M)', 'within-channel share of var(M)', 'constant channels',
@@ -946,14 +951,15 @@ def mask_lines(done):
         for li in range(len(masks[0]['layers'])):
             layer = [m['layers'][li] for m in masks]
             md.append('| ' + ' | '.join([row, str(li), mean_sd([x['m_var'] for x in layer], 5),
-                                         mean_sd([x['within_share'] for x in layer]),
+                                         mean_sd([within_share(x) for x in layer]),
                                          mean_sd([x['constant_share'] for x in layer]),
                                          mean_sd([x['mi_bits'] - x['mi_null_bits'] for x in layer], 4),
                                          mean_sd([x['keep'] for x in layer])]) + ' |')
         ce.append('| ' + ' | '.join([row, str(len(masks)), mean_sd([m['ce'] for m in masks]),
                                      interval(paired([m['ce_majority'] - m['ce'] for m in masks])),
                                      interval(paired([m['ce_mean'] - m['ce'] for m in masks])),
-                                     interval(paired([m['ce_sampled'] - m['ce'] for m in masks]))]) + ' |')
+                                     interval(paired([m['ce_sampled'] - m['ce'] for m in masks
+                                                      if m['ce_sampled'] is not None]))]) + ' |')
     return md + [''] + ce
 
 
@@ -981,21 +987,21 @@ def mask_chart(done, path, title):
     if not runs:
         return
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
-    panels = [('var(M)', lambda x: x['m_var']), ('within-channel share of var(M)', lambda x: x['within_share']),
+    panels = [('var(M)', lambda x: x['m_var']), ('within-channel share of var(M)', within_share),
               ('MI(mask; token) − shuffled null, bits', lambda x: x['mi_bits'] - x['mi_null_bits'])]
     width = 0.8 / len(runs)
     for k, (row, masks) in enumerate(runs.items()):
         color = f'C{k}'
         for ax, (label, get) in zip(axes, panels):
             for li in range(len(masks[0]['layers'])):
-                ys = [get(m['layers'][li]) for m in masks]
+                ys = [y for y in (get(m['layers'][li]) for m in masks) if y is not None]  # None: M is constant
                 ax.scatter([li - 0.4 + width * (k + 0.5)] * len(ys), ys, s=10, color=color,
                            label=row if li == 0 else None)
             ax.set_title(label, fontsize=8)
             ax.set_xlabel('layer', fontsize=8)
             ax.set_xticks(range(len(masks[0]['layers'])))
         for j, test in enumerate(('ce_majority', 'ce_mean', 'ce_sampled')):
-            ys = [m[test] - m['ce'] for m in masks]
+            ys = [m[test] - m['ce'] for m in masks if m[test] is not None]  # soft masks: no sampled test
             axes[3].scatter([j - 0.4 + width * (k + 0.5)] * len(ys), ys, s=10, color=color)
     axes[0].set_yscale('symlog', linthresh=1e-6)  # log, but a fixed mask's 0 still shows
     axes[0].set_ylim(bottom=0)

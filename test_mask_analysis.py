@@ -99,6 +99,40 @@ def test_a_static_mask_is_all_between_channels():
     assert r['ce_majority'] == pytest.approx(r['ce'], rel=1e-7)
 
 
+
+def test_a_mask_that_never_varies_has_no_variance_shares():
+    """var(M) = 0 (one keep probability for every channel and token): the within/between shares are 0 / 0,
+    reported as None rather than whatever the rounding of E[M^2] - E[M]^2 leaves."""
+    m = tiny(shift_init=1.0, mask_class='model.StaticMask').eval()
+    r = mask_analysis.analyse(m, windows(), 2, 97)
+    for layer in r['layers']:
+        assert layer['m_var'] < 1e-12 and layer['within_share'] is None and layer['between_share'] is None
+        assert layer['keep'] == 1.0 and layer['constant_share'] == 1.0  # M = 0.77 everywhere: always kept
+
+
+def test_soft_masks_are_read_as_m_at_least_half():
+    """SoftMask applies R = M: the keep rates and mutual information read the mask as [M >= 0.5], the
+    mean test fixes each channel at its mean M, and there is no sampled test."""
+    torch.manual_seed(0)
+    m = sharpen(tiny(shift_init=math.pi / 2, mask_class='model.SoftMask'), 4).eval()
+    batches = windows()
+    r = mask_analysis.analyse(m, batches, 2, 97)
+    M = recorded_masks(m, batches)
+    assert r['soft_masks'] is True and r['ce_sampled'] is None
+    for i, layer in enumerate(r['layers']):
+        rates = (M[i] >= 0.5).double().mean(0)
+        assert layer['keep'] == pytest.approx(rates.mean().item(), rel=1e-9)
+        assert layer['constant_share'] == pytest.approx(((rates == 0) | (rates == 1)).double().mean().item())
+        assert 0 < layer['keep'] < 1
+    assert r['layers'][0]['mi_bits'] > r['layers'][0]['mi_null_bits']
+    for i, block in enumerate(m.transformer.h):  # R fixed per channel at its mean M
+        block.learned_dropout.round = lambda mm, p=M[i].mean(0).float(): p.expand_as(mm)
+    with torch.no_grad():
+        ce = sum(m(x, y)[1].item() for x, y in batches) / len(batches)
+    assert r['ce_mean'] == pytest.approx(ce, rel=1e-6)
+    assert r['soft_masks'] is not mask_analysis.analyse(tiny(shift_init=math.pi / 2).eval(), batches, 2, 97)['soft_masks']
+
+
 @pytest.mark.slow
 def test_command_line_on_a_run(data_dir, tmp_path, monkeypatch):
     run = tmp_path / 'run'

@@ -612,6 +612,24 @@ def test_study_claim_wording():
     assert reproduce.direction_lines({'S1': per_size['S1']}) == []
 
 
+
+def test_mask_tables_leave_undefined_shares_and_tests_empty():
+    """A mask that never varies has no within-channel share (older reports wrote 0 for 0 / 0), and soft
+    masks have no sampled test: both are '-', the rest of the row as measured."""
+    import reproduce
+
+    def masks(m_var, within, sampled):
+        layer = dict(m_var=m_var, within_share=within, constant_share=1.0, mi_bits=0.0, mi_null_bits=0.0, keep=1.0)
+        return {'masks': dict(ce=4.0, ce_majority=4.0, ce_mean=4.01, ce_sampled=sampled, layers=[layer])}
+    done = {'learned_random': {1: masks(1e-30, 0.0, 4.02), 2: masks(0.0, None, 4.04)},
+            'learned_soft': {1: masks(0.01, 0.7, None), 2: masks(0.03, 0.9, None)}}
+    md = reproduce.mask_lines(done)
+    rows = {line.split(' | ')[0] + ' | ' + line.split(' | ')[1]: line.split(' | ') for line in md if '| 0 |' in line}
+    assert rows['| learned_random | 0'][3] == '-' and rows['| learned_soft | 0'][3] == '0.800 ± 0.141'
+    ce = [line for line in md if line.startswith('| learned_') and '| 0 |' not in line]
+    assert ce[0].endswith('| +0.030 [-0.097, +0.157] (n=2) |') and ce[1].endswith('| - |')
+
+
 def test_plot_damaged_runs(tmp_path, capsys):
     """plot.py on hand-written metrics: non-finite losses and ragged keep_per_layer are left out with a
     warning; a long run name still makes a file; a corrupt config.json is one line naming it."""
