@@ -4,7 +4,7 @@ class: the method, its variants, a user's own) and a split of its data, per laye
 
 - variance: the share of M's variance that lies within channels (across tokens) and between channels
   (law of total variance: within + between = 1). A fixed pruning pattern is all "between"; a mask that
-  does not vary at all (var(M) = 0, e.g. RandomMask's in eval) has no shares (None).
+  does not vary at all (var(M) = 0, e.g. RandomMask's one fixed probability) has no shares (None).
 - keep rates: the distribution of each channel's eval keep rate (the share of tokens where its eval mask
   R is 1) over the split, and the share of channels whose eval mask is constant over it (always kept or
   always dropped). Soft masks (R = M, e.g. SoftMask) have no 0/1 mask: their keep rates and mutual
@@ -14,7 +14,8 @@ class: the method, its variants, a user's own) and a split of its data, per laye
   bias; ids beyond the most frequent `top_tokens` are pooled into one).
 - functional test: cross-entropy of the split with the masks as they are; with each channel's mask
   replaced by its majority value over the split (a fixed pruning pattern); by its mean R over the
-  split (a fixed soft mask: the keep rate, or a soft mask's mean M); and with masks sampled from Bernoulli(M), the mean cross-entropy over `draws` draws.
+  split (a fixed soft mask: the keep rate, or a soft mask's mean M); and with masks sampled from
+  Bernoulli(M), the mean cross-entropy over `draws` draws (not for soft masks).
   If the majority pattern loses nothing, what the masks see does not matter for the loss.
 
 $ python mask_analysis.py --out_dir=out/quick_learned
@@ -111,14 +112,13 @@ def analyse(model, windows, n_layer, vocab_size):
             m_sum[layer] += m.sum(0)
             m_sq[layer] += (m * m).sum(0)
             keep[layer] += hard.sum(0).double()
-            r_sum[layer] += r.sum(0).double()
+            r_sum[layer] += r.double().sum(0)
             for j, ids_j in enumerate((b, s)):
                 idx = (ids_j.unsqueeze(1) * 2 + hard.long()).T  # (C, N): id bucket and R in one index
                 counts[layer, j].view(C, -1).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
         n += x.numel()
     mean = m_sum / n  # (layer, C)
-    # mean over channels of the variance across tokens (>= 0: E[M^2] - E[M]^2 can round below 0)
-    within = (m_sq / n - mean ** 2).clamp_min(0).mean(1)
+    within = (m_sq / n - mean ** 2).mean(1)  # mean over channels of the variance across tokens
     between = mean.var(1, unbiased=False)  # variance of the channel means
     total = within + between
     rates = keep / n  # (layer, C) eval keep rate of each channel
@@ -142,7 +142,7 @@ def analyse(model, windows, n_layer, vocab_size):
     layers = []
     for i in range(n_layer):
         q = torch.quantile(rates[i], torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)).tolist()
-        varies = total[i] > 1e-12  # else the shares are 0 / 0
+        varies = total[i] > 1e-12  # else the shares are 0 / 0 (and E[M^2] - E[M]^2 rounding)
         layers.append({'layer': i, 'within_share': (within[i] / total[i]).item() if varies else None,
                        'between_share': (between[i] / total[i]).item() if varies else None, 'm_var': total[i].item(),
                        'keep': rates[i].mean().item(), 'keep_quantiles': dict(zip(('0', '10', '50', '90', '100'), q)),

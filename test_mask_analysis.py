@@ -65,7 +65,7 @@ def test_input_dependent_masks_against_hand_computation():
     with torch.no_grad():
         ce = sum(m(x, y)[1].item() for x, y in batches) / len(batches)
     assert r['ce'] == pytest.approx(ce, rel=1e-6)
-    assert {'ce_majority', 'ce_mean', 'ce_sampled'} <= set(r)
+    assert {'ce_majority', 'ce_mean'} <= set(r) and r['ce_sampled'] is not None and r['soft_masks'] is False
 
 
 def test_majority_masks_replace_every_token_mask():
@@ -99,7 +99,6 @@ def test_a_static_mask_is_all_between_channels():
     assert r['ce_majority'] == pytest.approx(r['ce'], rel=1e-7)
 
 
-
 def test_a_mask_that_never_varies_has_no_variance_shares():
     """var(M) = 0 (one keep probability for every channel and token): the within/between shares are 0 / 0,
     reported as None rather than whatever the rounding of E[M^2] - E[M]^2 leaves."""
@@ -130,7 +129,6 @@ def test_soft_masks_are_read_as_m_at_least_half():
     with torch.no_grad():
         ce = sum(m(x, y)[1].item() for x, y in batches) / len(batches)
     assert r['ce_mean'] == pytest.approx(ce, rel=1e-6)
-    assert r['soft_masks'] is not mask_analysis.analyse(tiny(shift_init=math.pi / 2).eval(), batches, 2, 97)['soft_masks']
 
 
 @pytest.mark.slow

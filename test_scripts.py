@@ -538,7 +538,6 @@ def test_study_statistics_hand_cases():
     assert reproduce.sign_runs(signs) == '0 at 0; − 2-4; 0 at 6; + at 8; 0 at 10'
 
 
-
 def test_study_claim_wording():
     """The declared wording rule on planted differences: Holm decides supported / contradicted, claim 2
     uses the margin, the reading rule withholds or flags a verdict that rests on a row not at its
@@ -610,7 +609,6 @@ def test_study_claim_wording():
         '| a − b | -0.050 [-0.070, -0.030] (n=3) | +0.030 [+0.010, +0.050] (n=3) | differs |',
         '| c − b | +0.010 [-0.010, +0.030] (n=3) | +0.020 [-0.030, +0.070] (n=3) | same |']
     assert reproduce.direction_lines({'S1': per_size['S1']}) == []
-
 
 
 def test_mask_tables_leave_undefined_shares_and_tests_empty():
