@@ -131,6 +131,20 @@ def test_soft_masks_are_read_as_m_at_least_half():
     assert r['ce_mean'] == pytest.approx(ce, rel=1e-6)
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_on_a_gpu_as_on_the_cpu():
+    """The statistics accumulate on the CPU whatever device the model runs on: the same report on CUDA."""
+    torch.manual_seed(0)
+    m = sharpen(tiny(shift_init=math.pi / 2), 4).eval()
+    batches = windows()
+    cpu = mask_analysis.analyse(m, batches, 2, 97)
+    gpu = mask_analysis.analyse(m.cuda(), [(x.cuda(), y.cuda()) for x, y in batches], 2, 97)
+    for a, b in zip(cpu['layers'], gpu['layers']):
+        assert b['keep'] == pytest.approx(a['keep'], abs=0.01) and b['within_share'] == pytest.approx(a['within_share'], abs=1e-4)
+    assert gpu['ce_majority'] == pytest.approx(cpu['ce_majority'], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_command_line_on_a_run(data_dir, tmp_path, monkeypatch):
     run = tmp_path / 'run'
