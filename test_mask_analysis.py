@@ -141,7 +141,8 @@ def test_on_a_gpu_as_on_the_cpu():
     cpu = mask_analysis.analyse(m, batches, 2, 97)
     gpu = mask_analysis.analyse(m.cuda(), [(x.cuda(), y.cuda()) for x, y in batches], 2, 97)
     for a, b in zip(cpu['layers'], gpu['layers']):
-        assert b['keep'] == pytest.approx(a['keep'], abs=0.01) and b['within_share'] == pytest.approx(a['within_share'], abs=1e-4)
+        assert b['keep'] == pytest.approx(a['keep'], abs=0.01)  # a channel at M = 0.5 may round either way
+        assert b['within_share'] == pytest.approx(a['within_share'], abs=1e-4)
     assert gpu['ce_majority'] == pytest.approx(cpu['ce_majority'], rel=1e-4)
 
 
