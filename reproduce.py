@@ -932,11 +932,6 @@ def cell_text(scores, partial, value):
     return f"{partial[value][0]:.4f} ({partial[value][1]} of {tune_seeds} seeds)" if value in partial else '-'
 
 
-def within_share(layer):
-    """A layer's within-channel share of var(M), None where M does not vary (0 / 0; older reports wrote 0)."""
-    return layer['within_share'] if layer['m_var'] > 1e-12 else None
-
-
 def mask_lines(done):
     """Markdown lines of the mask analysis of the learned rows (mean over seeds, per layer)."""
     head = ['row', 'layer', 'var(M)', 'within-channel share of var(M)', 'constant channels',
@@ -951,7 +946,7 @@ def mask_lines(done):
         for li in range(len(masks[0]['layers'])):
             layer = [m['layers'][li] for m in masks]
             md.append('| ' + ' | '.join([row, str(li), mean_sd([x['m_var'] for x in layer], 5),
-                                         mean_sd([within_share(x) for x in layer]),
+                                         mean_sd([x['within_share'] for x in layer]),
                                          mean_sd([x['constant_share'] for x in layer]),
                                          mean_sd([x['mi_bits'] - x['mi_null_bits'] for x in layer], 4),
                                          mean_sd([x['keep'] for x in layer])]) + ' |')
@@ -987,7 +982,7 @@ def mask_chart(done, path, title):
     if not runs:
         return
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
-    panels = [('var(M)', lambda x: x['m_var']), ('within-channel share of var(M)', within_share),
+    panels = [('var(M)', lambda x: x['m_var']), ('within-channel share of var(M)', lambda x: x['within_share']),
               ('MI(mask; token) − shuffled null, bits', lambda x: x['mi_bits'] - x['mi_null_bits'])]
     width = 0.8 / len(runs)
     for k, (row, masks) in enumerate(runs.items()):

@@ -612,14 +612,14 @@ def test_study_claim_wording():
 
 
 def test_mask_tables_leave_undefined_shares_and_tests_empty():
-    """A mask that never varies has no within-channel share (older reports wrote 0 for 0 / 0), and soft
-    masks have no sampled test: both are '-', the rest of the row as measured."""
+    """A mask that never varies has no within-channel share (mask_analysis reports None), and soft masks
+    have no sampled test: both are '-', the rest of the row as measured."""
     import reproduce
 
     def masks(m_var, within, sampled):
         layer = dict(m_var=m_var, within_share=within, constant_share=1.0, mi_bits=0.0, mi_null_bits=0.0, keep=1.0)
         return {'masks': dict(ce=4.0, ce_majority=4.0, ce_mean=4.01, ce_sampled=sampled, layers=[layer])}
-    done = {'learned_random': {1: masks(1e-30, 0.0, 4.02), 2: masks(0.0, None, 4.04)},
+    done = {'learned_random': {1: masks(0.0, None, 4.02), 2: masks(0.0, None, 4.04)},
             'learned_soft': {1: masks(0.01, 0.7, None), 2: masks(0.03, 0.9, None)}}
     md = reproduce.mask_lines(done)
     rows = {line.split(' | ')[0] + ' | ' + line.split(' | ')[1]: line.split(' | ') for line in md if '| 0 |' in line}
